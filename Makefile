@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv if missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
+
+.PHONY: demo test test-fast lint bench clean
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or run: make PYTHON=/path/to/python3.11 ...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) setup.py requirements.txt constraints.txt
+	$(PY) -m pip install --quiet --upgrade "pip>=24" wheel
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/beam-pipeline run examples/chicago_taxi/pipeline.py --pipeline-root pipelines/chicago_taxi
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check beam_pipeline transforms runners tests benchmarks examples
+
+bench: $(STAMP)
+	$(PY) benchmarks/example_stats.py
+
+clean:
+	rm -rf pipelines .pytest_cache

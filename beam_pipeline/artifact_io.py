@@ -1,0 +1,165 @@
+"""Reading and writing artifact payloads, in the graph and from the driver.
+
+Examples are Parquet files per split (`Split-<name>/part-*.parquet`) with list-typed columns, the
+layout TFDV and tf.Transform read from Arrow directly. Protos (statistics, schema, anomalies) are
+binary files named after their split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline.artifacts import ANOMALIES, COMMIT_MARKER, EXAMPLES, SCHEMA, STATISTICS, Artifact, ArtifactType
+
+STATS_FILE = "FeatureStats.pb"
+SCHEMA_FILE = "schema.pbtxt"
+ANOMALIES_FILE = "SchemaDiff.pb"
+
+
+def join(*parts: str) -> str:
+    return FileSystems.join(*parts)
+
+
+def write_text(path: str, text: str) -> None:
+    with FileSystems.create(path) as f:
+        f.write(text.encode())
+
+
+def read_bytes(path: str) -> bytes:
+    with FileSystems.open(path) as f:
+        return f.read()
+
+
+def read_marker(uri: str) -> dict[str, Any] | None:
+    path = join(uri, COMMIT_MARKER)
+    if not FileSystems.exists(path):
+        return None
+    return json.loads(read_bytes(path))
+
+
+def fingerprint_tree(uri: str) -> str:
+    """Content hash of every file under `uri` (names and bytes), the marker excluded."""
+    h = hashlib.blake2b(digest_size=16)
+    matches = FileSystems.match([join(uri, "**")])[0].metadata_list
+    for m in sorted(matches, key=lambda m: m.path):
+        rel = m.path[len(uri):]
+        if rel.endswith(COMMIT_MARKER):
+            continue
+        h.update(rel.encode())
+        with FileSystems.open(m.path) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# -- protos ------------------------------------------------------------------------------------------
+def split_file(artifact_uri: str, split: str, name: str) -> str:
+    return join(artifact_uri, f"Split-{split}", name)
+
+
+def read_proto(path: str, message_type: type) -> Any:
+    msg = message_type()
+    data = read_bytes(path)
+    if path.endswith(".pbtxt"):
+        from google.protobuf import text_format
+
+        text_format.Parse(data.decode(), msg)
+    else:
+        msg.ParseFromString(data)
+    return msg
+
+
+def write_proto(path: str, msg: Any) -> None:
+    if path.endswith(".pbtxt"):
+        from google.protobuf import text_format
+
+        write_text(path, text_format.MessageToString(msg))
+    else:
+        with FileSystems.create(path) as f:
+            f.write(msg.SerializeToString())
+
+
+class WriteProto(beam.PTransform):
+    """Write the single proto of a PCollection to `path`; emits the path once written."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def expand(self, pcoll):
+        path = self._path
+
+        def write(msg):
+            write_proto(path, msg)
+            return path
+
+        return pcoll | "Write" >> beam.Map(write)
+
+
+# -- examples ----------------------------------------------------------------------------------------
+def read_parquet_batches(pattern: str, batch_size: int = 65536) -> list[pa.RecordBatch]:
+    batches: list[pa.RecordBatch] = []
+    for m in sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path):
+        with FileSystems.open(m.path) as f:
+            batches.extend(pq.ParquetFile(f).iter_batches(batch_size=batch_size))
+    return batches
+
+
+class _ReadParquet(beam.DoFn):
+    def process(self, path: str):
+        with FileSystems.open(path) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=65536)
+
+
+def _load_examples(p: beam.Pipeline, artifact: Artifact, label: str):
+    out = {}
+    for split in artifact.split_names:
+        paths = [m.path for m in FileSystems.match([join(artifact.split_uri(split), "*.parquet")])[0].metadata_list]
+        out[split] = (
+            p
+            | f"{label}.List[{split}]" >> beam.Create(sorted(paths))
+            | f"{label}.Reshuffle[{split}]" >> beam.Reshuffle()
+            | f"{label}.Read[{split}]" >> beam.ParDo(_ReadParquet())
+        )
+    return out
+
+
+def _load_split_protos(filename: str, message_path: str):
+    def load(p: beam.Pipeline, artifact: Artifact, label: str):
+        module, name = message_path.rsplit(".", 1)
+        message_type = getattr(__import__(module, fromlist=[name]), name)
+        return {
+            split: p | f"{label}.Read[{split}]" >> beam.Create(
+                [read_proto(split_file(artifact.uri, split, filename), message_type)]
+            )
+            for split in artifact.split_names
+        }
+
+    return load
+
+
+def _load_schema(p: beam.Pipeline, artifact: Artifact, label: str):
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    return p | f"{label}.Read" >> beam.Create([read_proto(join(artifact.uri, SCHEMA_FILE), schema_pb2.Schema)])
+
+
+# How a cached artifact of each data type is put back into the graph. File-only types need no loader:
+# downstream components receive the Artifact itself.
+LOADERS = {
+    EXAMPLES.name: _load_examples,
+    STATISTICS.name: _load_split_protos(STATS_FILE, "tensorflow_metadata.proto.v0.statistics_pb2.DatasetFeatureStatisticsList"),
+    SCHEMA.name: _load_schema,
+    ANOMALIES.name: _load_split_protos(ANOMALIES_FILE, "tensorflow_metadata.proto.v0.anomalies_pb2.Anomalies"),
+}
+
+
+def has_data_value(atype: ArtifactType) -> bool:
+    return atype.name in LOADERS

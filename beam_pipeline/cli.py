@@ -1,0 +1,101 @@
+"""`beam-pipeline` command line: run a pipeline file, and the subcommands built on ML Metadata."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import warnings
+
+import click
+
+from beam_pipeline.dsl import Pipeline
+from beam_pipeline.errors import BeamPipelineError, PipelineDefinitionError
+
+
+def load_pipeline(path: str, pipeline_root: str | None = None) -> Pipeline:
+    """Import a pipeline file and return its pipeline: `create_pipeline()` or a module-level `PIPELINE`."""
+    if not os.path.isfile(path):
+        raise PipelineDefinitionError(f"pipeline file {path!r} does not exist")
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    spec = importlib.util.spec_from_file_location("_beam_pipeline_user_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if hasattr(module, "create_pipeline"):
+        kwargs = {"pipeline_root": pipeline_root} if pipeline_root else {}
+        pipeline = module.create_pipeline(**kwargs)
+    elif hasattr(module, "PIPELINE"):
+        pipeline = module.PIPELINE
+    else:
+        raise PipelineDefinitionError(f"{path}: define create_pipeline() returning a Pipeline, or a PIPELINE variable")
+    if not isinstance(pipeline, Pipeline):
+        raise PipelineDefinitionError(f"{path}: create_pipeline() returned {type(pipeline).__name__}, not a Pipeline")
+    return pipeline
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("apache_beam", "tensorflow", "absl", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Build, run and inspect ML pipelines compiled into one Apache Beam graph."""
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("pipeline_file", type=click.Path())
+@click.option("--runner", default=None, help="Beam runner preset or class: direct, portable, portable-local, "
+              "dataflow, flink, spark (any other Beam option may follow and is passed through).")
+@click.option("--pipeline-root", default=None, help="Override the pipeline root directory.")
+@click.option("--metadata-uri", envvar="BEAM_PIPELINE_METADATA_URI", default=None,
+              help="ML Metadata store: a SQLite path or mysql://user:pw@host:port/db (default: <root>/metadata.sqlite).")
+@click.option("--no-cache", is_flag=True, help="Run every component even if a cached execution matches.")
+@click.pass_context
+def run(ctx: click.Context, pipeline_file: str, runner: str | None, pipeline_root: str | None,
+        metadata_uri: str | None, no_cache: bool) -> None:
+    """Run PIPELINE_FILE as one Beam job and record it in ML Metadata."""
+    _quiet_libraries()
+    from beam_pipeline import launcher, progress
+    from runners import options as runner_options
+
+    try:
+        pipeline = load_pipeline(pipeline_file, pipeline_root)
+        with runner_options.runner_args(runner, list(ctx.args)) as beam_args:
+            display = progress.Progress(pipeline)
+            with display:
+                result = launcher.run(
+                    pipeline, beam_args, metadata_uri=metadata_uri,
+                    enable_cache=False if no_cache else None, on_update=display.update,
+                )
+    except BeamPipelineError as e:
+        click.echo(f"\nerror: {e}", err=True)
+        sys.exit(1)
+    display.summary(result)
+
+
+def _register_optional_commands() -> None:
+    """Subcommands that live in their own modules (serving, metadata queries) join the group here."""
+    for module_name, attr in (("beam_pipeline.serving.cli", "serve"), ("beam_pipeline.inspect_cli", "commands")):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and module_name.startswith(e.name):
+                continue
+            raise
+        found = getattr(module, attr)
+        for command in found if isinstance(found, list) else [found]:
+            main.add_command(command)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    main()

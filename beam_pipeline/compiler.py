@@ -1,0 +1,152 @@
+"""Compile a Pipeline into ONE beam.Pipeline.
+
+Components are applied in topological order to the in-graph values of their inputs, so data flows
+between them inside the graph; each output gets a commit step that waits for the component's
+`publish()` signal, fingerprints the files and writes the commit marker the driver publishes from.
+Cached components are not applied: their artifacts are loaded back into the graph only where a
+running component consumes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import apache_beam as beam
+
+from beam_pipeline import artifact_io
+from beam_pipeline.artifacts import COMMIT_MARKER, Artifact, ArtifactType
+from beam_pipeline.dsl import Component, ComponentContext, Pipeline
+from beam_pipeline.errors import PipelineDefinitionError
+
+
+@dataclasses.dataclass
+class ComponentPlan:
+    """What the driver decided for one component before the graph is built."""
+
+    component: Component
+    static_outputs: dict[str, dict[str, Any]]
+    resolved: dict[str, Any]
+    cached_outputs: dict[str, Artifact] | None = None  # set when reused from the cache
+    execution_id: int | None = None
+    output_uris: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.component.id
+
+    @property
+    def cached(self) -> bool:
+        return self.cached_outputs is not None
+
+
+def _merge_properties(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for d in dicts:
+        for k, v in (d or {}).items():
+            if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                merged[k] = {**merged[k], **v}
+            else:
+                merged[k] = v
+    return merged
+
+
+class _Commit(beam.DoFn):
+    """Runs once per output after its files are complete: fingerprint, then write the commit marker."""
+
+    def __init__(self, atype: ArtifactType, uri: str, producer: str, pipeline_name: str):
+        self._atype, self._uri, self._producer, self._pipeline = atype, uri, producer, pipeline_name
+
+    def process(self, _, manifests):
+        props = _merge_properties(list(manifests))
+        props.update(
+            fingerprint=artifact_io.fingerprint_tree(self._uri),
+            producer_component=self._producer,
+            pipeline_name=self._pipeline,
+        )
+        marker = {"properties": props, "committed_at_ms": int(time.time() * 1000)}
+        artifact_io.write_text(artifact_io.join(self._uri, COMMIT_MARKER), json.dumps(marker, sort_keys=True))
+        yield Artifact(self._atype, self._uri, props)
+
+
+def _commit_factory(p: beam.Pipeline, component: Component, plan: ComponentPlan, pipeline_name: str):
+    def commit(out: str, properties: beam.PCollection) -> beam.PCollection:
+        return (
+            p
+            | f"{component.id}.{out}.CommitStart" >> beam.Create([None])
+            | f"{component.id}.{out}.Commit"
+            >> beam.ParDo(
+                _Commit(component.OUTPUTS[out], plan.output_uris[out], component.id, pipeline_name),
+                beam.pvalue.AsList(properties),
+            )
+        )
+
+    return commit
+
+
+def build_graph(
+    p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, ComponentPlan], run_id: str
+) -> None:
+    """Apply every planned component to `p`."""
+    values: dict[tuple[str, str], Any] = {}
+    committed: dict[tuple[str, str], beam.PCollection] = {}
+    needed = {
+        (ch.producer.id, ch.name)
+        for plan in plans.values()
+        if not plan.cached
+        for ch in plan.component.inputs.values()
+    }
+
+    def cached_value(producer: ComponentPlan, out: str):
+        key = (producer.id, out)
+        if key not in values:
+            artifact = producer.cached_outputs[out]
+            committed[key] = p | f"{producer.id}.{out}.Cached" >> beam.Create([artifact])
+            loader = artifact_io.LOADERS.get(artifact.type.name)
+            values[key] = loader(p, artifact, f"{producer.id}.{out}.Load") if loader else committed[key]
+        return values[key]
+
+    for component in pipeline.ordered:
+        plan = plans[component.id]
+        if plan.cached:
+            for out in component.OUTPUTS:
+                if (component.id, out) in needed:
+                    cached_value(plan, out)
+            continue
+        inputs, committed_inputs, input_static = {}, {}, {}
+        for name, ch in component.inputs.items():
+            key = (ch.producer.id, ch.name)
+            if plans[ch.producer.id].cached:
+                cached_value(plans[ch.producer.id], ch.name)
+            inputs[name] = values[key]
+            committed_inputs[name] = committed[key]
+            input_static[name] = plans[ch.producer.id].static_outputs.get(ch.name, {})
+        ctx = ComponentContext(
+            pipeline_name=pipeline.name,
+            pipeline_root=pipeline.root,
+            run_id=run_id,
+            execution_id=plan.execution_id,
+            output_uris=plan.output_uris,
+            input_static=input_static,
+            output_static=plan.static_outputs,
+            resolved=plan.resolved,
+            committed_inputs=committed_inputs,
+            commit_factory=_commit_factory(p, component, plan, pipeline.name),
+        )
+        component.bind(ctx)
+        try:
+            result = (inputs or p) | component.id >> component
+        finally:
+            component.bind(None)
+        result = result or {}
+        missing = set(component.OUTPUTS) - set(ctx.committed_outputs)
+        if missing:
+            raise PipelineDefinitionError(f"{component.id}: outputs {sorted(missing)} were never published")
+        for out, atype in component.OUTPUTS.items():
+            key = (component.id, out)
+            committed[key] = ctx.committed_outputs[out]
+            values[key] = result.get(out) if artifact_io.has_data_value(atype) else committed[key]
+            if values[key] is None:
+                raise PipelineDefinitionError(f"{component.id}: expand() returned no value for data output {out!r}")

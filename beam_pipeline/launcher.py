@@ -1,0 +1,265 @@
+"""The driver: plan (cache, resolve), register executions, run the one graph, publish as commits land.
+
+Publishing happens here, not on workers: the graph leaves a commit marker next to each finished
+artifact; the driver polls for markers while the job runs and records executions and artifacts in
+ML Metadata in topological order. A component whose outputs are not all committed when the job ends
+is recorded FAILED and its directories are removed, so nothing half-written is ever published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
+
+from beam_pipeline import artifact_io, caching
+from beam_pipeline.artifacts import Artifact
+from beam_pipeline.compiler import ComponentPlan, build_graph
+from beam_pipeline.dsl import Pipeline
+from beam_pipeline.errors import BeamPipelineError, PipelineRunError
+from beam_pipeline.metadata import MetadataStore
+
+log = logging.getLogger(__name__)
+
+PENDING, RUNNING, COMPLETE, CACHED, FAILED = "PENDING", "RUNNING", "COMPLETE", "CACHED", "FAILED"
+
+
+@dataclasses.dataclass
+class ComponentResult:
+    id: str
+    type: str
+    state: str = PENDING
+    execution_id: int | None = None
+    duration_s: float | None = None
+    artifacts: dict[str, Artifact] = dataclasses.field(default_factory=dict)
+    end_time_ms: int | None = None
+
+
+@dataclasses.dataclass
+class RunResult:
+    pipeline_name: str
+    pipeline_root: str
+    run_id: str
+    metadata_uri: str
+    components: dict[str, ComponentResult]
+    error: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error is None
+
+    def artifact(self, component_id: str, output: str) -> Artifact:
+        return self.components[component_id].artifacts[output]
+
+
+def default_metadata_uri(pipeline: Pipeline) -> str:
+    return FileSystems.join(pipeline.root, "metadata.sqlite")
+
+
+def run(
+    pipeline: Pipeline,
+    beam_args: Sequence[str] = (),
+    *,
+    metadata_uri: str | None = None,
+    enable_cache: bool | None = None,
+    on_update: Callable[[RunResult], None] | None = None,
+    poll_interval_s: float = 0.5,
+) -> RunResult:
+    """Run the pipeline as one Beam job; returns per-component results or raises PipelineRunError."""
+    uri = metadata_uri or pipeline.metadata_connection or default_metadata_uri(pipeline)
+    store = uri if isinstance(uri, MetadataStore) else MetadataStore(uri)
+    use_cache = pipeline.enable_cache if enable_cache is None else enable_cache
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    contexts = store.run_contexts(pipeline.name, run_id)
+    result = RunResult(
+        pipeline.name,
+        pipeline.root,
+        run_id,
+        store.uri,
+        {c.id: ComponentResult(c.id, type(c).__name__) for c in pipeline.ordered},
+    )
+    start_ms = int(time.time() * 1000)
+    plans = _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms)
+
+    options = PipelineOptions(list(pipeline.beam_pipeline_args) + list(beam_args))
+    p = beam.Pipeline(options=options)
+    build_graph(p, pipeline, plans, run_id)
+    for plan in plans.values():
+        if not plan.cached:
+            result.components[plan.id].state = RUNNING
+    if on_update:
+        on_update(result)
+
+    failure: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            p.run().wait_until_finish()
+        except BaseException as e:  # re-raised on the driver thread below
+            failure.append(e)
+
+    thread = threading.Thread(target=job, name="beam-job", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll_interval_s)
+        if _publish_ready(pipeline, plans, store, contexts, result, start_ms) and on_update:
+            on_update(result)
+    _publish_ready(pipeline, plans, store, contexts, result, start_ms)
+
+    unfinished = [pl for pl in plans.values() if result.components[pl.id].state == RUNNING]
+    if failure or unfinished:
+        cause = failure[0] if failure else None
+        message = _failure_message(cause, unfinished)
+        for plan in unfinished:
+            _fail(plan, store, contexts, result, message)
+        result.error = message
+        if on_update:
+            on_update(result)
+        if isinstance(cause, BeamPipelineError):
+            raise type(cause)(message) from cause
+        raise PipelineRunError(message) from cause
+    if on_update:
+        on_update(result)
+    return result
+
+
+def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms) -> dict[str, ComponentPlan]:
+    plans: dict[str, ComponentPlan] = {}
+    for c in pipeline.ordered:
+        input_static = {n: plans[ch.producer.id].static_outputs.get(ch.name, {}) for n, ch in c.inputs.items()}
+        plan = ComponentPlan(c, c.static_outputs(input_static), c.resolve(store, pipeline.name))
+        plans[c.id] = plan
+        inputs = _input_artifacts(c, plans)
+        cache_on = use_cache if c.enable_cache is None else c.enable_cache
+        if cache_on and inputs is not None and not c.always_run():
+            key = caching.cache_key(c, inputs)
+            hit = store.cached_outputs(key, type(c).__name__)
+            if hit is not None:
+                original_id, plan.cached_outputs = hit
+                execution_id = store.start_execution(
+                    type(c).__name__, c.id, pipeline_name=pipeline.name, run_id=run_id,
+                    config=c.exec_properties(), cache_key=key, contexts=contexts,
+                )
+                store.finish_execution(
+                    execution_id, state=mlmd_pb2.Execution.CACHED, inputs=_with_resolved(inputs, plan),
+                    outputs=plan.cached_outputs, contexts=contexts, start_time_ms=start_ms,
+                )
+                r = result.components[c.id]
+                r.state, r.execution_id, r.artifacts, r.duration_s = CACHED, execution_id, plan.cached_outputs, 0.0
+                r.end_time_ms = start_ms
+                log.info("%s: reusing outputs of execution %d", c.id, original_id)
+                continue
+        plan.execution_id = store.start_execution(
+            type(c).__name__, c.id, pipeline_name=pipeline.name, run_id=run_id,
+            config=c.exec_properties(), cache_key="", contexts=contexts,
+        )
+        result.components[c.id].execution_id = plan.execution_id
+        plan.output_uris = {
+            out: FileSystems.join(pipeline.root, c.id, out, str(plan.execution_id)) for out in c.OUTPUTS
+        }
+    return plans
+
+
+def _input_artifacts(component, plans) -> dict[str, list[Artifact]] | None:
+    """Input artifacts when all are already known (their producers were cached), else None."""
+    inputs = {}
+    for name, ch in component.inputs.items():
+        producer = plans[ch.producer.id]
+        if not producer.cached:
+            return None
+        inputs[name] = [producer.cached_outputs[ch.name]]
+    return inputs
+
+
+def _with_resolved(inputs: dict[str, list[Artifact]], plan: ComponentPlan) -> dict[str, list[Artifact]]:
+    extra = {k: [v] for k, v in plan.resolved.items() if isinstance(v, Artifact) and v.id is not None}
+    return {**inputs, **extra}
+
+
+def _publish_ready(pipeline, plans, store, contexts, result, start_ms) -> bool:
+    """Publish every running component whose outputs are committed and whose producers are published."""
+    changed = False
+    for c in pipeline.ordered:
+        r = result.components[c.id]
+        if r.state != RUNNING:
+            continue
+        if any(result.components[up.id].state not in (COMPLETE, CACHED) for up in c.upstream):
+            continue
+        plan = plans[c.id]
+        markers = {out: artifact_io.read_marker(uri) for out, uri in plan.output_uris.items()}
+        if any(m is None for m in markers.values()):
+            continue
+        outputs = {
+            out: Artifact(c.OUTPUTS[out], plan.output_uris[out], m["properties"]) for out, m in markers.items()
+        }
+        inputs = {
+            name: [result.components[ch.producer.id].artifacts[ch.name]] for name, ch in c.inputs.items()
+        }
+        end_ms = max(m["committed_at_ms"] for m in markers.values())
+        began_ms = max([start_ms] + [result.components[up.id].end_time_ms or start_ms for up in c.upstream])
+        key = caching.cache_key(c, inputs)
+        store.finish_execution(
+            plan.execution_id, state=mlmd_pb2.Execution.COMPLETE, inputs=_with_resolved(inputs, plan),
+            outputs=outputs, contexts=contexts, end_time_ms=end_ms, start_time_ms=began_ms, cache_key=key,
+        )
+        r.state, r.artifacts, r.end_time_ms = COMPLETE, outputs, end_ms
+        r.duration_s = max(0.0, (end_ms - began_ms) / 1000)
+        changed = True
+    return changed
+
+
+def _fail(plan: ComponentPlan, store, contexts, result, message: str) -> None:
+    for uri in plan.output_uris.values():
+        if FileSystems.exists(uri):
+            FileSystems.delete([uri])
+    store.finish_execution(
+        plan.execution_id, state=mlmd_pb2.Execution.FAILED, inputs={}, outputs={}, contexts=contexts, error=message
+    )
+    result.components[plan.id].state = FAILED
+
+
+def _failure_message(cause: BaseException | None, unfinished: list[ComponentPlan]) -> str:
+    names = ", ".join(pl.id for pl in unfinished) or "none"
+    if cause is None:
+        return f"the job ended but these components never committed their outputs: {names}"
+    text = str(cause).strip() or type(cause).__name__
+    # Beam appends the failing step (and on portable runners whole tracebacks) to the message.
+    text = _BEAM_SUFFIX.sub("", text).strip()
+    first = text if isinstance(cause, BeamPipelineError) else _root_line(text)
+    return f"{first}\n(not completed: {names})"
+
+
+_BEAM_SUFFIX = re.compile(r"\s*\[while running '[^']*'\]\s*$")
+
+
+def _root_line(text: str) -> str:
+    for line in reversed(text.splitlines()):
+        for name in ("InputDataError", "UserModuleError", "AnomaliesFoundError", "PipelineDefinitionError"):
+            if name + ":" in line:
+                return line.strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else text
+
+
+def summarize(result: RunResult) -> list[dict[str, Any]]:
+    """One row per component for tables and reports."""
+    return [
+        {
+            "component": r.id,
+            "state": r.state,
+            "duration_s": r.duration_s,
+            "execution_id": r.execution_id,
+            "artifacts": {name: (a.id, a.uri) for name, a in r.artifacts.items()},
+        }
+        for r in result.components.values()
+    ]

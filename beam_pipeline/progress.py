@@ -1,0 +1,67 @@
+"""Progress while a run goes on and the summary table after it: rich on a terminal, plain logs otherwise."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from beam_pipeline.dsl import Pipeline
+from beam_pipeline.launcher import RunResult
+
+_STYLE = {"COMPLETE": "green", "CACHED": "cyan", "FAILED": "red", "RUNNING": "yellow", "PENDING": "dim"}
+
+
+def _table(result: RunResult, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("component", "state", "duration", "execution", "output artifacts (id: path)"):
+        table.add_column(col)
+    for r in result.components.values():
+        arts = "\n".join(f"{name} #{a.id}: {a.uri}" for name, a in r.artifacts.items())
+        duration = f"{r.duration_s:.1f}s" if r.duration_s is not None else ""
+        table.add_row(r.id, f"[{_STYLE.get(r.state, '')}]{r.state}[/]", duration, str(r.execution_id or ""), arts)
+    return table
+
+
+class Progress:
+    """Live per-component states; falls back to one log line per state change off a terminal."""
+
+    def __init__(self, pipeline: Pipeline, console: Console | None = None):
+        self.console = console or Console()
+        if not self.console.is_terminal:
+            self.console.width = 200  # logs and CI: keep artifact paths whole
+        self._live: Live | None = None
+        self._seen: dict[str, str] = {}
+        self._pipeline = pipeline
+
+    def __enter__(self) -> Progress:
+        if self.console.is_terminal:
+            self._live = Live(console=self.console, refresh_per_second=4, transient=True)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def update(self, result: RunResult) -> None:
+        if self._live is not None:
+            self._live.update(_table(result, f"{result.pipeline_name} run {result.run_id}"))
+            return
+        for r in result.components.values():
+            if self._seen.get(r.id) != r.state:
+                self._seen[r.id] = r.state
+                extra = f" in {r.duration_s:.1f}s" if r.duration_s is not None else ""
+                print(f"[{result.pipeline_name}] {r.id}: {r.state}{extra}", file=sys.stderr, flush=True)
+
+    def summary(self, result: RunResult) -> None:
+        self.console.print(_table(result, f"{result.pipeline_name} run {result.run_id}: summary"))
+        self.console.print(f"ML Metadata: {result.metadata_uri}")
+        self.console.print(f"Pipeline root: {result.pipeline_root}")
+        for r in result.components.values():
+            for name, a in r.artifacts.items():
+                bad = a.properties.get("bad_records")
+                if bad:
+                    self.console.print(f"[yellow]{r.id}.{name}: {bad} bad records skipped, see {a.uri}/Quarantine[/]")

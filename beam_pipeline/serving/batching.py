@@ -1,0 +1,141 @@
+"""Server-side batching: concurrent requests to one signature of one version become one model call.
+
+A model call costs about the same for 1 row as for 64 (the fixed per-call overhead dominates small
+models), so under load merging requests multiplies throughput. Semantics follow TF Serving's batcher: a
+batch is run when it holds `max_batch_size` rows or when its oldest request has waited `timeout_s`.
+While one batch runs, the next one fills up, so under load batches form without waiting at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+
+import numpy as np
+
+from beam_pipeline.serving.errors import BadRequestError
+from beam_pipeline.serving.models import Servable
+
+Outputs = dict[str, np.ndarray]
+# Runs `servable.run(signature, inputs)` off the event loop (the server passes a thread-pool runner).
+Runner = Callable[[Servable, str, Mapping[str, np.ndarray]], Awaitable[Outputs]]
+
+
+@dataclasses.dataclass
+class _Task:
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    enqueued: float
+    future: asyncio.Future[Outputs]
+
+
+@dataclasses.dataclass
+class _Queue:
+    servable: Servable
+    signature: str
+    tasks: collections.deque[_Task] = dataclasses.field(default_factory=collections.deque)
+    rows: int = 0
+    full: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    worker: asyncio.Task[None] | None = None
+
+
+class Batcher:
+    """One queue (and at most one worker task) per (servable, signature, non-batch input shapes).
+
+    The worker exits when its queue is empty, so queues of unloaded versions do not linger.
+    """
+
+    def __init__(self, runner: Runner, max_batch_size: int, timeout_s: float):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if timeout_s < 0:
+            raise ValueError(f"batch timeout must be >= 0, got {timeout_s}")
+        self._runner = runner
+        self.max_batch_size = max_batch_size
+        self.timeout_s = timeout_s
+        self._queues: dict[Hashable, _Queue] = {}
+
+    async def run(self, servable: Servable, signature: str, inputs: Mapping[str, np.ndarray], rows: int) -> Outputs:
+        """Run `inputs` (all with `rows` rows along dimension 0) as part of a batch; return its own rows."""
+        if rows == 0 or rows > self.max_batch_size:
+            return await self._runner(servable, signature, inputs)
+        # Only arrays whose other dimensions agree can be concatenated along dimension 0.
+        key = (id(servable), signature, tuple((k, v.shape[1:], v.dtype) for k, v in sorted(inputs.items())))
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue(servable, signature)
+        loop = asyncio.get_running_loop()
+        task = _Task(inputs, rows, loop.time(), loop.create_future())
+        queue.tasks.append(task)
+        queue.rows += rows
+        if queue.worker is None:
+            queue.worker = asyncio.create_task(self._work(key, queue))
+        elif queue.rows >= self.max_batch_size:
+            queue.full.set()
+        return await task.future
+
+    async def _work(self, key: Hashable, queue: _Queue) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while queue.tasks:
+                remaining = queue.tasks[0].enqueued + self.timeout_s - loop.time()
+                if queue.rows < self.max_batch_size and remaining > 0:
+                    queue.full.clear()
+                    try:
+                        await asyncio.wait_for(queue.full.wait(), remaining)
+                    except TimeoutError:
+                        pass
+                batch, rows = [], 0
+                while queue.tasks and rows + queue.tasks[0].rows <= self.max_batch_size:
+                    task = queue.tasks.popleft()
+                    batch.append(task)
+                    rows += task.rows
+                queue.rows -= rows
+                await self._execute(queue.servable, queue.signature, batch)
+        finally:
+            del self._queues[key]
+            for task in queue.tasks:  # only left when this worker was cancelled (server shutdown)
+                if not task.future.done():
+                    task.future.cancel()
+
+    async def _execute(self, servable: Servable, signature: str, batch: list[_Task]) -> None:
+        if len(batch) == 1:
+            inputs = batch[0].inputs
+        else:
+            inputs = {k: np.concatenate([t.inputs[k] for t in batch]) for k in batch[0].inputs}
+        try:
+            outputs = await self._runner(servable, signature, inputs)
+        except BadRequestError as e:
+            if len(batch) > 1:
+                # One request's data may have failed the whole batch: rerun alone, so only it fails.
+                for task in batch:
+                    await self._execute(servable, signature, [task])
+                return
+            _settle(batch[0], error=e)
+            return
+        except Exception as e:  # noqa: BLE001 - handed on to every waiting request, which reports it
+            for task in batch:
+                _settle(task, error=e)
+            return
+        total = sum(t.rows for t in batch)
+        if len(batch) > 1 and any(v.ndim == 0 or v.shape[0] != total for v in outputs.values()):
+            # Outputs that are not per-row cannot be split back: run each request alone instead.
+            for task in batch:
+                await self._execute(servable, signature, [task])
+            return
+        start = 0
+        for task in batch:
+            end = start + task.rows
+            _settle(task, result=outputs if len(batch) == 1 else {k: v[start:end] for k, v in outputs.items()})
+            start = end
+
+
+def _settle(task: _Task, *, result: Outputs | None = None, error: BaseException | None = None) -> None:
+    if task.future.done():  # the request was cancelled (client went away)
+        return
+    if error is not None:
+        task.future.set_exception(error)
+    else:
+        task.future.set_result(result)

@@ -1,0 +1,97 @@
+"""Runner presets: the same pipeline file on DirectRunner, a portable job service, Dataflow, Flink or Spark.
+
+Each preset only chooses Beam's own runner and options; nothing here executes a graph itself.
+`portable-local` starts Beam's local job service and an SDK worker pool as separate processes on
+loopback, so the job goes through the Fn API exactly as on Flink, Spark or Dataflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+PRESETS: dict[str, list[str]] = {
+    "direct": ["--runner=DirectRunner"],
+    # The caller names the job service: --job_endpoint=host:port (and an --environment_type).
+    "portable": ["--runner=PortableRunner"],
+    # Add --project, --region, --temp_location (gs://...) and --setup_file ./setup.py.
+    "dataflow": ["--runner=DataflowRunner"],
+    # Add --flink_master=host:8081 (Beam starts the Flink job server for you).
+    "flink": ["--runner=FlinkRunner"],
+    # Add --spark_master_url=spark://host:7077.
+    "spark": ["--runner=SparkRunner"],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before listening on port {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s:.0f}s")
+
+
+@contextlib.contextmanager
+def local_portable_services() -> Iterator[list[str]]:
+    """Start Beam's local job service and an SDK worker pool (separate processes); yield runner args."""
+    job_port, pool_port = _free_port(), _free_port()
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+    procs = []
+    try:
+        pool = subprocess.Popen(
+            [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={pool_port}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        procs.append(pool)
+        job = subprocess.Popen(
+            [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main", f"--port={job_port}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        procs.append(job)
+        _wait_for_port(pool_port, pool, "SDK worker pool")
+        _wait_for_port(job_port, job, "local job service")
+        yield [
+            "--runner=PortableRunner",
+            f"--job_endpoint=localhost:{job_port}",
+            "--environment_type=EXTERNAL",
+            f"--environment_config=localhost:{pool_port}",
+        ]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextlib.contextmanager
+def runner_args(runner: str | None, extra: Sequence[str] = ()) -> Iterator[list[str]]:
+    """Beam arguments for a preset name (or a runner class name passed through), plus `extra`."""
+    extra = list(extra)
+    if runner == "portable-local":
+        with local_portable_services() as args:
+            yield args + extra
+        return
+    if runner is None:
+        yield extra
+    elif runner.lower() in PRESETS:
+        yield PRESETS[runner.lower()] + extra
+    else:
+        yield [f"--runner={runner}"] + extra

@@ -1,0 +1,66 @@
+"""FnArgs: everything a user's run_fn needs to train and export a model, as TFX hands it over."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from tensorflow_metadata.proto.v0 import schema_pb2
+
+
+@dataclasses.dataclass
+class FnArgs:
+    """Arguments of `run_fn(fn_args)`.
+
+    `train_files`/`eval_files` are glob patterns of gzip TFRecord files of transformed
+    tf.train.Examples; `transform_output` is the TFT WriteTransformFn directory
+    (open it with `tft.TFTransformOutput`). `base_model` is the SavedModel directory of the
+    model to warm start from, or None. `strategy` is the tf.distribute strategy the Trainer
+    created; run_fn is already called inside its scope.
+    """
+
+    train_files: list[str]
+    eval_files: list[str]
+    transform_output: str
+    serving_model_dir: str
+    model_run_dir: str
+    train_steps: int
+    eval_steps: int
+    schema_path: str | None = None
+    schema: schema_pb2.Schema | None = None
+    base_model: str | None = None
+    hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    custom_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    strategy: Any = None
+
+    @functools.cached_property
+    def tf_transform_output(self) -> Any:
+        import tensorflow_transform as tft
+
+        return tft.TFTransformOutput(self.transform_output)
+
+    def make_dataset(
+        self,
+        file_patterns: list[str],
+        batch_size: int,
+        label_key: str | None = None,
+        *,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+    ) -> Any:
+        """A tf.data.Dataset of batched transformed features (and the label if `label_key` is given).
+
+        Repeats forever unless `num_epochs` is set, so training is bounded by steps, like TFX.
+        """
+        import tensorflow as tf
+
+        return tf.data.experimental.make_batched_features_dataset(
+            file_pattern=file_patterns,
+            batch_size=batch_size,
+            features=self.tf_transform_output.transformed_feature_spec(),
+            reader=lambda files: tf.data.TFRecordDataset(files, compression_type="GZIP"),
+            label_key=label_key,
+            num_epochs=num_epochs,
+            shuffle=shuffle,
+        )

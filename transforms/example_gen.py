@@ -1,0 +1,250 @@
+"""ExampleGen: read raw data once into Arrow RecordBatches, split deterministically, materialize Parquet."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipeline import artifact_io, caching
+from beam_pipeline.artifacts import EXAMPLES
+from beam_pipeline.dsl import Component
+from beam_pipeline.errors import InputDataError, PipelineDefinitionError
+from transforms import _example_io as io_
+
+FORMATS = ("csv", "parquet", "tfrecord")
+QUARANTINE_DIR = "Quarantine"
+
+
+class ExampleGen(Component):
+    """Ingest CSV, Parquet or TFRecord(tf.Example) files matched by glob patterns.
+
+    Output `examples`: `{split: PCollection[pa.RecordBatch]}` with large_list columns, and per split
+    Parquet files under `<uri>/Split-<name>/`. Rows go to splits by a content hash (or by hashing
+    `partition_feature`), so the same row lands in the same split on every run and every runner.
+    """
+
+    OUTPUTS = {"examples": EXAMPLES}
+
+    def __init__(
+        self,
+        *,
+        input_base: str | Sequence[str],
+        format: str = "csv",
+        splits: Mapping[str, int] | None = None,
+        partition_feature: str | None = None,
+        column_types: Mapping[str, str] | None = None,
+        on_bad_record: str = "error",
+        block_size_bytes: int = 32 << 20,
+        component_id: str | None = None,
+    ):
+        if format not in FORMATS:
+            raise PipelineDefinitionError(f"ExampleGen format {format!r}: expected one of {FORMATS}")
+        if on_bad_record not in ("error", "skip"):
+            raise PipelineDefinitionError(f"on_bad_record={on_bad_record!r}: expected 'error' or 'skip'")
+        splits = dict(splits or {"train": 2, "eval": 1})
+        if not splits or any(not isinstance(w, int) or w <= 0 for w in splits.values()):
+            raise PipelineDefinitionError(f"splits {splits}: expected positive integer weights, e.g. {{'train': 2, 'eval': 1}}")
+        patterns = [input_base] if isinstance(input_base, str) else list(input_base)
+        super().__init__(
+            inputs={},
+            params={
+                "input_base": patterns,
+                "format": format,
+                "splits": splits,
+                "partition_feature": partition_feature,
+                "column_types": dict(column_types or {}),
+                "on_bad_record": on_bad_record,
+                "block_size_bytes": block_size_bytes,
+            },
+            component_id=component_id,
+        )
+        self._files: list[str] | None = None
+        self._schema: pa.Schema | None = None
+
+    # -- compile time ------------------------------------------------------------------------------
+    @property
+    def files(self) -> list[str]:
+        if self._files is None:
+            self._files = io_.match_files(self.params["input_base"])
+        return self._files
+
+    def external_fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        for path in self.files:
+            h.update(path.encode())
+            h.update(caching.file_fingerprint(path).encode())
+        return h.hexdigest()
+
+    def flat_schema(self) -> pa.Schema:
+        """Column types decided once, at compile time, and enforced on every block."""
+        if self._schema is None:
+            fmt = self.params["format"]
+            if fmt == "csv":
+                self._schema = io_.infer_csv_types(self.files, self.params["column_types"])
+            elif fmt == "parquet":
+                self._schema = _same_parquet_schema(self.files)
+            else:
+                self._schema = _tfrecord_schema(self.files)
+            feature = self.params["partition_feature"]
+            if feature and feature not in self._schema.names:
+                raise InputDataError(f"partition_feature {feature!r} is not a column of {self.files[0]}: {self._schema.names}")
+        return self._schema
+
+    def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {"examples": {"arrow_schema": io_.list_schema(self.flat_schema()), "splits": list(self.params["splits"])}}
+
+    # -- graph ---------------------------------------------------------------------------------------
+    def expand(self, pbegin):
+        uri = self.ctx.output_uri("examples")
+        splits = list(self.params["splits"])
+        fmt = self.params["format"]
+        if fmt == "csv":
+            units = [r for f in self.files for r in io_.byte_ranges(f, self.params["block_size_bytes"])]
+        elif fmt == "parquet":
+            units = [r for f in self.files for r in io_.parquet_row_groups(f)]
+        else:
+            units = [(f, 0, 0) for f in self.files]
+        read = _ReadSplitWrite(
+            fmt=fmt,
+            schema=self.flat_schema(),
+            splits=dict(self.params["splits"]),
+            partition_feature=self.params["partition_feature"],
+            on_bad_record=self.params["on_bad_record"],
+            uri=uri,
+        )
+        tagged = (
+            pbegin
+            | "Units" >> beam.Create([(i, u) for i, u in enumerate(units)])
+            | "Distribute" >> beam.Reshuffle()
+            | "ReadSplitWrite" >> beam.ParDo(read).with_outputs(_COUNTS, *splits)
+        )
+        counts = tagged[_COUNTS] | "SumCounts" >> beam.CombineGlobally(_sum_counts)
+        properties = counts | "Properties" >> beam.Map(
+            lambda c, names=tuple(splits): {
+                "split_names": list(names),
+                "row_counts": {s: c.get(s, 0) for s in names},
+                "bad_records": c.get(_BAD, 0),
+                "payload_format": "parquet",
+            }
+        )
+        self.ctx.publish("examples", properties)
+        return {"examples": {s: tagged[s] for s in splits}}
+
+
+_COUNTS, _BAD = "__counts__", "__bad__"
+
+
+def _sum_counts(dicts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+class _ReadSplitWrite(beam.DoFn):
+    """One unit of input (byte range / row group / file) → RecordBatch per split + Parquet part file."""
+
+    def __init__(self, *, fmt, schema, splits, partition_feature, on_bad_record, uri):
+        self._fmt, self._schema, self._splits = fmt, schema, splits
+        self._partition, self._on_bad, self._uri = partition_feature, on_bad_record, uri
+
+    def process(self, element):
+        index, (path, start, end) = element
+        bad: list[io_.BadRecord] = []
+        if self._fmt == "csv":
+            table, bad = io_.parse_csv_block(path, start, end, self._schema, self._on_bad)
+        elif self._fmt == "parquet":
+            table = _conform(io_.read_parquet_group(path, start), self._schema, path)
+        else:
+            table = _read_tfrecord(path, self._schema)
+        counts: dict[str, int] = {_BAD: len(bad)}
+        if bad:
+            artifact_io.write_text(
+                artifact_io.join(self._uri, QUARANTINE_DIR, f"part-{index:05d}.txt"),
+                "".join(b.render() + "\n" for b in bad),
+            )
+        if table.num_rows:
+            hashes = io_.row_hashes(table, [self._partition] if self._partition else None)
+            batch = io_.to_list_batch(table)
+            for split, rows in io_.assign_splits(hashes, self._splits).items():
+                part = batch.take(pa.array(rows)) if len(rows) != batch.num_rows else batch
+                counts[split] = part.num_rows
+                if part.num_rows == 0:
+                    continue
+                path_out = artifact_io.join(self._uri, f"Split-{split}", f"part-{index:05d}.parquet")
+                with FileSystems.create(path_out) as f:
+                    pq.write_table(pa.Table.from_batches([part]), f, compression="snappy")
+                yield beam.pvalue.TaggedOutput(split, part)
+        yield beam.pvalue.TaggedOutput(_COUNTS, counts)
+
+
+def _same_parquet_schema(files: list[str]) -> pa.Schema:
+    first = io_.parquet_schema(files[0])
+    for path in files[1:]:
+        other = io_.parquet_schema(path)
+        if other.names != first.names:
+            raise InputDataError(f"{path}: columns differ from {files[0]}: expected {first.names}, got {other.names}")
+    return first
+
+
+def _conform(table: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
+    try:
+        return table.select(schema.names).cast(schema)
+    except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise InputDataError(f"{path}: does not match the schema {schema}: {e}") from None
+
+
+def _tfrecord_schema(files: list[str]) -> pa.Schema:
+    """Feature types from the first records: decode a sample with tfx-bsl and read its Arrow schema."""
+    from tfx_bsl.coders.example_coder import ExamplesToRecordBatchDecoder
+
+    records = _tfrecords(files[0], limit=1000)
+    if not records:
+        raise InputDataError(f"{files[0]}: TFRecord file holds no records; expected serialized tf.train.Example")
+    try:
+        batch = ExamplesToRecordBatchDecoder().DecodeBatch(records)
+    except Exception as e:
+        raise InputDataError(f"{files[0]}: records are not serialized tf.train.Example: {e}") from None
+    return pa.schema([pa.field(f.name, f.type if f.type != pa.null() else pa.large_list(pa.large_binary())) for f in batch.schema])
+
+
+def _tfrecords(path: str, limit: int | None = None) -> list[bytes]:
+    import tensorflow as tf
+
+    compression = "GZIP" if path.endswith(".gz") else ""
+    ds = tf.data.TFRecordDataset(path, compression_type=compression)
+    if limit:
+        ds = ds.take(limit)
+    return [r.numpy() for r in ds]
+
+
+def _read_tfrecord(path: str, schema: pa.Schema) -> pa.Table:
+    from tensorflow_metadata.proto.v0 import schema_pb2
+    from tfx_bsl.coders.example_coder import ExamplesToRecordBatchDecoder
+
+    tfmd = schema_pb2.Schema()
+    for f in schema:
+        value = f.type.value_type if pa.types.is_large_list(f.type) or pa.types.is_list(f.type) else f.type
+        kind = schema_pb2.INT if pa.types.is_integer(value) else schema_pb2.FLOAT if pa.types.is_floating(value) else schema_pb2.BYTES
+        tfmd.feature.add(name=f.name, type=kind)
+    decoder = ExamplesToRecordBatchDecoder(tfmd.SerializeToString())
+    records = _tfrecords(path)
+    if not records:
+        return _empty(schema)
+    try:
+        batch = decoder.DecodeBatch(records)
+    except Exception as e:
+        raise InputDataError(f"{path}: records are not serialized tf.train.Example matching {schema.names}: {e}") from None
+    return pa.Table.from_batches([batch])
+
+
+def _empty(schema: pa.Schema) -> pa.Table:
+    return pa.table({f.name: pa.array([], type=f.type) for f in schema})
+

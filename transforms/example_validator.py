@@ -1,0 +1,151 @@
+"""ExampleValidator: check each split's statistics against the schema, plus drift between datasets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import apache_beam as beam
+
+from beam_pipeline import artifact_io
+from beam_pipeline.artifacts import ANOMALIES, STATISTICS, SCHEMA
+from beam_pipeline.dsl import Channel, Component, InputSpec
+from beam_pipeline.errors import AnomaliesFoundError, PipelineDefinitionError
+
+PREVIOUS_RUN = "previous_run"
+
+
+class ExampleValidator(Component):
+    """Anomalies per split: missing features, valency, unexpected strings, out of domain, and drift.
+
+    `drift_comparators` maps feature → threshold (L-infinity distance for categorical features,
+    Jensen-Shannon divergence for numeric ones). `drift_baseline` is a split name (each other split
+    is compared to it) or "previous_run" (the latest statistics of this pipeline in ML Metadata,
+    the "previous span"). With `halt_on_anomalies` the anomalies artifact is still committed, then
+    the run fails with a readable summary.
+    """
+
+    INPUTS = {"statistics": InputSpec(STATISTICS), "schema": InputSpec(SCHEMA)}
+    OUTPUTS = {"anomalies": ANOMALIES}
+
+    def __init__(
+        self,
+        *,
+        statistics: Channel,
+        schema: Channel,
+        drift_comparators: Mapping[str, float] | None = None,
+        drift_baseline: str = "train",
+        halt_on_anomalies: bool = False,
+        component_id: str | None = None,
+    ):
+        super().__init__(
+            inputs={"statistics": statistics, "schema": schema},
+            params={
+                "drift_comparators": dict(drift_comparators or {}),
+                "drift_baseline": drift_baseline,
+                "halt_on_anomalies": halt_on_anomalies,
+            },
+            component_id=component_id,
+        )
+
+    def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
+        if self.params["drift_baseline"] != PREVIOUS_RUN or not self.params["drift_comparators"]:
+            return {}
+        previous = store.latest_artifacts(STATISTICS.name, pipeline_name)
+        return {"previous_statistics": previous[0]} if previous else {}
+
+    def expand(self, inputs):
+        from tensorflow_metadata.proto.v0 import statistics_pb2
+
+        uri = self.ctx.output_uri("anomalies")
+        stats: dict[str, beam.PCollection] = inputs["statistics"]
+        schema = beam.pvalue.AsSingleton(inputs["schema"] | "Comparators" >> beam.Map(
+            _with_drift_comparators, self.params["drift_comparators"]))
+        baseline_name = self.params["drift_baseline"]
+        previous = self.ctx.resolved.get("previous_statistics")
+        drift = bool(self.params["drift_comparators"])
+        if drift and baseline_name != PREVIOUS_RUN and baseline_name not in stats:
+            raise PipelineDefinitionError(
+                f"{self.id}: drift_baseline {baseline_name!r} is not a split ({sorted(stats)}) nor {PREVIOUS_RUN!r}")
+        out, summaries = {}, []
+        for split, split_stats in stats.items():
+            baseline = None
+            if drift and baseline_name == PREVIOUS_RUN and previous is not None and split in previous.split_names:
+                baseline = split_stats.pipeline | f"Previous[{split}]" >> beam.Create([artifact_io.read_proto(
+                    artifact_io.split_file(previous.uri, split, artifact_io.STATS_FILE),
+                    statistics_pb2.DatasetFeatureStatisticsList)])
+            elif drift and baseline_name in stats and baseline_name != split:
+                baseline = stats[baseline_name]
+            extra = {"previous": beam.pvalue.AsSingleton(baseline)} if baseline is not None else {}
+            anomalies = split_stats | f"Validate[{split}]" >> beam.Map(_validate, schema=schema, **extra)
+            out[split] = anomalies
+            written = anomalies | f"Write[{split}]" >> artifact_io.WriteProto(
+                artifact_io.split_file(uri, split, artifact_io.ANOMALIES_FILE))
+            summaries.append(
+                (anomalies, written)
+                | f"Join[{split}]" >> beam.Flatten()
+                | f"Keep[{split}]" >> beam.Filter(lambda x: not isinstance(x, str))
+                | f"Summary[{split}]" >> beam.Map(lambda a, s=split: (s, summarize(a)))
+            )
+        splits = list(out)
+        properties = (
+            summaries
+            | "AllSummaries" >> beam.Flatten()
+            | "Collect" >> beam.combiners.ToList()
+            | "Properties" >> beam.Map(lambda rows: {
+                "split_names": splits,
+                "anomaly_count": sum(len(lines) for _, lines in rows),
+                "anomalies": {s: lines for s, lines in rows},
+            })
+        )
+        committed = self.ctx.publish("anomalies", properties)
+        if self.params["halt_on_anomalies"]:
+            _ = committed | "HaltOnAnomalies" >> beam.Map(_halt, self.id)
+        return {"anomalies": out}
+
+
+def _with_drift_comparators(schema, comparators: Mapping[str, float]):
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    if not comparators:
+        return schema
+    schema = schema_pb2.Schema.FromString(schema.SerializeToString())
+    by_name = {f.name: f for f in schema.feature}
+    for name, threshold in comparators.items():
+        feature = by_name.get(name)
+        if feature is None:
+            raise PipelineDefinitionError(f"drift comparator for {name!r}: no such feature in the schema ({sorted(by_name)})")
+        if feature.type == schema_pb2.BYTES or feature.HasField("domain") or feature.HasField("string_domain"):
+            feature.drift_comparator.infinity_norm.threshold = threshold
+        else:
+            feature.drift_comparator.jensen_shannon_divergence.threshold = threshold
+    return schema
+
+
+def _validate(stats, schema, previous=None):
+    import tensorflow_data_validation as tfdv
+
+    return tfdv.validate_statistics(stats, schema, previous_statistics=previous)
+
+
+def summarize(anomalies) -> list[str]:
+    """One readable line per anomalous feature: `feature: short description (detail)`."""
+    lines = []
+    for name, info in sorted(anomalies.anomaly_info.items()):
+        detail = "; ".join(r.description for r in info.reason) or info.description
+        lines.append(f"{name}: {info.short_description} ({detail})")
+    if anomalies.HasField("dataset_anomaly_info"):
+        info = anomalies.dataset_anomaly_info
+        lines.append(f"(dataset): {info.short_description} ({info.description})")
+    return lines
+
+
+def _halt(artifact, component_id: str):
+    report = artifact.properties.get("anomalies", {})
+    count = artifact.properties.get("anomaly_count", 0)
+    if count:
+        lines = [f"  {split}/{line}" for split, split_lines in sorted(report.items()) for line in split_lines]
+        raise AnomaliesFoundError(
+            f"{component_id} found {count} anomalies (halt_on_anomalies=True); see {artifact.uri}:\n" + "\n".join(lines)
+        )
+    return artifact
