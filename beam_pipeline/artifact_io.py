@@ -49,7 +49,7 @@ def fingerprint_tree(uri: str) -> str:
     h = hashlib.blake2b(digest_size=16)
     matches = FileSystems.match([join(uri, "**")])[0].metadata_list
     for m in sorted(matches, key=lambda m: m.path):
-        rel = m.path[len(uri):]
+        rel = m.path[len(uri) :]
         if rel.endswith(COMMIT_MARKER):
             continue
         h.update(rel.encode())
@@ -136,9 +136,9 @@ def _load_split_protos(filename: str, message_path: str):
         module, name = message_path.rsplit(".", 1)
         message_type = getattr(__import__(module, fromlist=[name]), name)
         return {
-            split: p | f"{label}.Read[{split}]" >> beam.Create(
-                [read_proto(split_file(artifact.uri, split, filename), message_type)]
-            )
+            split: p
+            | f"{label}.Read[{split}]"
+            >> beam.Create([read_proto(split_file(artifact.uri, split, filename), message_type)])
             for split in artifact.split_names
         }
 
@@ -155,7 +155,9 @@ def _load_schema(p: beam.Pipeline, artifact: Artifact, label: str):
 # downstream components receive the Artifact itself.
 LOADERS = {
     EXAMPLES.name: _load_examples,
-    STATISTICS.name: _load_split_protos(STATS_FILE, "tensorflow_metadata.proto.v0.statistics_pb2.DatasetFeatureStatisticsList"),
+    STATISTICS.name: _load_split_protos(
+        STATS_FILE, "tensorflow_metadata.proto.v0.statistics_pb2.DatasetFeatureStatisticsList"
+    ),
     SCHEMA.name: _load_schema,
     ANOMALIES.name: _load_split_protos(ANOMALIES_FILE, "tensorflow_metadata.proto.v0.anomalies_pb2.Anomalies"),
 }

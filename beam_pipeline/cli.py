@@ -52,15 +52,29 @@ def main() -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("pipeline_file", type=click.Path())
-@click.option("--runner", default=None, help="Beam runner preset or class: direct, portable, portable-local, "
-              "dataflow, flink, spark (any other Beam option may follow and is passed through).")
+@click.option(
+    "--runner",
+    default=None,
+    help="Beam runner preset or class: direct, portable, portable-local, "
+    "dataflow, flink, spark (any other Beam option may follow and is passed through).",
+)
 @click.option("--pipeline-root", default=None, help="Override the pipeline root directory.")
-@click.option("--metadata-uri", envvar="BEAM_PIPELINE_METADATA_URI", default=None,
-              help="ML Metadata store: a SQLite path or mysql://user:pw@host:port/db (default: <root>/metadata.sqlite).")
+@click.option(
+    "--metadata-uri",
+    envvar="BEAM_PIPELINE_METADATA_URI",
+    default=None,
+    help="ML Metadata store: a SQLite path or mysql://user:pw@host:port/db (default: <root>/metadata.sqlite).",
+)
 @click.option("--no-cache", is_flag=True, help="Run every component even if a cached execution matches.")
 @click.pass_context
-def run(ctx: click.Context, pipeline_file: str, runner: str | None, pipeline_root: str | None,
-        metadata_uri: str | None, no_cache: bool) -> None:
+def run(
+    ctx: click.Context,
+    pipeline_file: str,
+    runner: str | None,
+    pipeline_root: str | None,
+    metadata_uri: str | None,
+    no_cache: bool,
+) -> None:
     """Run PIPELINE_FILE as one Beam job and record it in ML Metadata."""
     _quiet_libraries()
     from beam_pipeline import launcher, progress
@@ -72,8 +86,11 @@ def run(ctx: click.Context, pipeline_file: str, runner: str | None, pipeline_roo
             display = progress.Progress(pipeline)
             with display:
                 result = launcher.run(
-                    pipeline, beam_args, metadata_uri=metadata_uri,
-                    enable_cache=False if no_cache else None, on_update=display.update,
+                    pipeline,
+                    beam_args,
+                    metadata_uri=metadata_uri,
+                    enable_cache=False if no_cache else None,
+                    on_update=display.update,
                 )
     except BeamPipelineError as e:
         click.echo(f"\nerror: {e}", err=True)

@@ -86,17 +86,12 @@ def _commit_factory(p: beam.Pipeline, component: Component, plan: ComponentPlan,
     return commit
 
 
-def build_graph(
-    p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, ComponentPlan], run_id: str
-) -> None:
+def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, ComponentPlan], run_id: str) -> None:
     """Apply every planned component to `p`."""
     values: dict[tuple[str, str], Any] = {}
     committed: dict[tuple[str, str], beam.PCollection] = {}
     needed = {
-        (ch.producer.id, ch.name)
-        for plan in plans.values()
-        if not plan.cached
-        for ch in plan.component.inputs.values()
+        (ch.producer.id, ch.name) for plan in plans.values() if not plan.cached for ch in plan.component.inputs.values()
     }
 
     def cached_value(producer: ComponentPlan, out: str):

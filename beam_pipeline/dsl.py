@@ -129,7 +129,8 @@ class Component(beam.PTransform):
                 )
             if channel.type != spec.type:
                 raise PipelineDefinitionError(
-                    f"{self.id}: input {name!r} expects {spec.type.name}, got {channel.type.name} from {channel.producer.id}"
+                    f"{self.id}: input {name!r} expects {spec.type.name}, "
+                    f"got {channel.type.name} from {channel.producer.id}"
                 )
             self.inputs[name] = channel
         for name, spec in self.INPUTS.items():
@@ -266,11 +267,11 @@ def topological_order(components: Iterable[Component]) -> list[Component]:
         if s == 2:
             return
         if s == 1:
-            cycle = path[path.index(c.id):] + [c.id]
+            cycle = [*path[path.index(c.id):], c.id]
             raise PipelineDefinitionError(f"cycle between components: {' -> '.join(cycle)}")
         state[id(c)] = 1
         for up in c.upstream:
-            visit(up, path + [c.id])
+            visit(up, [*path, c.id])
         state[id(c)] = 2
         order.append(c)
 

@@ -66,20 +66,31 @@ def default_metadata_uri(pipeline: Pipeline) -> str:
     return FileSystems.join(pipeline.root, "metadata.sqlite")
 
 
-def run(
+@dataclasses.dataclass
+class CompiledRun:
+    """A pipeline compiled into one Beam graph, with its executions registered as RUNNING."""
+
+    pipeline: Pipeline
+    beam_pipeline: beam.Pipeline
+    plans: dict[str, ComponentPlan]
+    store: MetadataStore
+    contexts: list
+    result: RunResult
+    start_ms: int
+
+
+def compile_run(
     pipeline: Pipeline,
     beam_args: Sequence[str] = (),
     *,
-    metadata_uri: str | None = None,
+    metadata_uri: str | MetadataStore | None = None,
     enable_cache: bool | None = None,
-    on_update: Callable[[RunResult], None] | None = None,
-    poll_interval_s: float = 0.5,
-) -> RunResult:
-    """Run the pipeline as one Beam job; returns per-component results or raises PipelineRunError."""
+) -> CompiledRun:
+    """Plan (cache lookups, resolution), register executions and build the Beam graph; runs nothing."""
     uri = metadata_uri or pipeline.metadata_connection or default_metadata_uri(pipeline)
     store = uri if isinstance(uri, MetadataStore) else MetadataStore(uri)
     use_cache = pipeline.enable_cache if enable_cache is None else enable_cache
-    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    run_id = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     contexts = store.run_contexts(pipeline.name, run_id)
     result = RunResult(
         pipeline.name,
@@ -90,10 +101,38 @@ def run(
     )
     start_ms = int(time.time() * 1000)
     plans = _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms)
-
     options = PipelineOptions(list(pipeline.beam_pipeline_args) + list(beam_args))
     p = beam.Pipeline(options=options)
     build_graph(p, pipeline, plans, run_id)
+    return CompiledRun(pipeline, p, plans, store, contexts, result, start_ms)
+
+
+def run(
+    pipeline: Pipeline,
+    beam_args: Sequence[str] = (),
+    *,
+    metadata_uri: str | MetadataStore | None = None,
+    enable_cache: bool | None = None,
+    on_update: Callable[[RunResult], None] | None = None,
+) -> RunResult:
+    """Run the pipeline as one Beam job; returns per-component results or raises a BeamPipelineError."""
+    compiled = compile_run(pipeline, beam_args, metadata_uri=metadata_uri, enable_cache=enable_cache)
+    return execute(compiled, on_update=on_update)
+
+
+def execute(
+    compiled: CompiledRun,
+    *,
+    on_update: Callable[[RunResult], None] | None = None,
+    poll_interval_s: float = 0.5,
+) -> RunResult:
+    """Run a compiled graph, publishing each component as its commit markers appear."""
+    pipeline, plans, store, contexts = compiled.pipeline, compiled.plans, compiled.store, compiled.contexts
+    result, start_ms, p = compiled.result, compiled.start_ms, compiled.beam_pipeline
+    if not any(not plan.cached for plan in plans.values()):
+        if on_update:
+            on_update(result)
+        return result  # everything reused: no job to run
     for plan in plans.values():
         if not plan.cached:
             result.components[plan.id].state = RUNNING
@@ -147,12 +186,21 @@ def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms) -> dic
             if hit is not None:
                 original_id, plan.cached_outputs = hit
                 execution_id = store.start_execution(
-                    type(c).__name__, c.id, pipeline_name=pipeline.name, run_id=run_id,
-                    config=c.exec_properties(), cache_key=key, contexts=contexts,
+                    type(c).__name__,
+                    c.id,
+                    pipeline_name=pipeline.name,
+                    run_id=run_id,
+                    config=c.exec_properties(),
+                    cache_key=key,
+                    contexts=contexts,
                 )
                 store.finish_execution(
-                    execution_id, state=mlmd_pb2.Execution.CACHED, inputs=_with_resolved(inputs, plan),
-                    outputs=plan.cached_outputs, contexts=contexts, start_time_ms=start_ms,
+                    execution_id,
+                    state=mlmd_pb2.Execution.CACHED,
+                    inputs=_with_resolved(inputs, plan),
+                    outputs=plan.cached_outputs,
+                    contexts=contexts,
+                    start_time_ms=start_ms,
                 )
                 r = result.components[c.id]
                 r.state, r.execution_id, r.artifacts, r.duration_s = CACHED, execution_id, plan.cached_outputs, 0.0
@@ -160,8 +208,13 @@ def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms) -> dic
                 log.info("%s: reusing outputs of execution %d", c.id, original_id)
                 continue
         plan.execution_id = store.start_execution(
-            type(c).__name__, c.id, pipeline_name=pipeline.name, run_id=run_id,
-            config=c.exec_properties(), cache_key="", contexts=contexts,
+            type(c).__name__,
+            c.id,
+            pipeline_name=pipeline.name,
+            run_id=run_id,
+            config=c.exec_properties(),
+            cache_key="",
+            contexts=contexts,
         )
         result.components[c.id].execution_id = plan.execution_id
         plan.output_uris = {
@@ -199,18 +252,20 @@ def _publish_ready(pipeline, plans, store, contexts, result, start_ms) -> bool:
         markers = {out: artifact_io.read_marker(uri) for out, uri in plan.output_uris.items()}
         if any(m is None for m in markers.values()):
             continue
-        outputs = {
-            out: Artifact(c.OUTPUTS[out], plan.output_uris[out], m["properties"]) for out, m in markers.items()
-        }
-        inputs = {
-            name: [result.components[ch.producer.id].artifacts[ch.name]] for name, ch in c.inputs.items()
-        }
+        outputs = {out: Artifact(c.OUTPUTS[out], plan.output_uris[out], m["properties"]) for out, m in markers.items()}
+        inputs = {name: [result.components[ch.producer.id].artifacts[ch.name]] for name, ch in c.inputs.items()}
         end_ms = max(m["committed_at_ms"] for m in markers.values())
         began_ms = max([start_ms] + [result.components[up.id].end_time_ms or start_ms for up in c.upstream])
         key = caching.cache_key(c, inputs)
         store.finish_execution(
-            plan.execution_id, state=mlmd_pb2.Execution.COMPLETE, inputs=_with_resolved(inputs, plan),
-            outputs=outputs, contexts=contexts, end_time_ms=end_ms, start_time_ms=began_ms, cache_key=key,
+            plan.execution_id,
+            state=mlmd_pb2.Execution.COMPLETE,
+            inputs=_with_resolved(inputs, plan),
+            outputs=outputs,
+            contexts=contexts,
+            end_time_ms=end_ms,
+            start_time_ms=began_ms,
+            cache_key=key,
         )
         r.state, r.artifacts, r.end_time_ms = COMPLETE, outputs, end_ms
         r.duration_s = max(0.0, (end_ms - began_ms) / 1000)

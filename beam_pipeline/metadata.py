@@ -53,7 +53,7 @@ def connection_config(uri: str) -> mlmd_pb2.ConnectionConfig:
         if "socket" in query:
             config.mysql.socket = query["socket"][0]
         return config
-    path = uri[len("sqlite://"):] if uri.startswith("sqlite://") else uri
+    path = uri[len("sqlite://") :] if uri.startswith("sqlite://") else uri
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     config.sqlite.filename_uri = path
     config.sqlite.connection_mode = mlmd_pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
@@ -79,7 +79,9 @@ class MetadataStore:
             self.uri = config
             config = connection_config(config)
         else:
-            self.uri = config.sqlite.filename_uri or f"mysql://{config.mysql.host}:{config.mysql.port}/{config.mysql.database}"
+            self.uri = (
+                config.sqlite.filename_uri or f"mysql://{config.mysql.host}:{config.mysql.port}/{config.mysql.database}"
+            )
         try:
             self._store = metadata_store.MetadataStore(config)
         except Exception as e:  # MLMD raises its own error types per backend
@@ -186,7 +188,10 @@ class MetadataStore:
                 e.custom_properties["error"].string_value = error[:4000]
             pairs: list[tuple[mlmd_pb2.Artifact, mlmd_pb2.Event]] = []
             order: list[Artifact] = []
-            for kind, mapping in ((mlmd_pb2.Event.INPUT, inputs), (mlmd_pb2.Event.OUTPUT, {k: [v] for k, v in outputs.items()})):
+            for kind, mapping in (
+                (mlmd_pb2.Event.INPUT, inputs),
+                (mlmd_pb2.Event.OUTPUT, {k: [v] for k, v in outputs.items()}),
+            ):
                 for name, artifacts in mapping.items():
                     for index, a in enumerate(artifacts):
                         event = mlmd_pb2.Event(type=kind)
@@ -195,7 +200,7 @@ class MetadataStore:
                         pairs.append((self._to_proto(a), event))
                         order.append(a)
             _, artifact_ids, _ = self._store.put_execution(e, pairs, contexts, reuse_context_if_already_exist=True)
-            for a, aid in zip(order, artifact_ids):
+            for a, aid in zip(order, artifact_ids, strict=False):
                 a.id = aid
 
     def _to_proto(self, a: Artifact) -> mlmd_pb2.Artifact:
@@ -253,7 +258,8 @@ class MetadataStore:
         except Exception:
             return None
         candidates = [
-            e for e in executions
+            e
+            for e in executions
             if e.properties["cache_key"].string_value == cache_key and e.last_known_state == mlmd_pb2.Execution.COMPLETE
         ]
         for e in sorted(candidates, key=lambda e: e.id, reverse=True):

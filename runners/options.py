@@ -55,12 +55,16 @@ def local_portable_services() -> Iterator[list[str]]:
     try:
         pool = subprocess.Popen(
             [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={pool_port}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         procs.append(pool)
         job = subprocess.Popen(
             [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main", f"--port={job_port}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         procs.append(job)
         _wait_for_port(pool_port, pool, "SDK worker pool")
@@ -94,4 +98,4 @@ def runner_args(runner: str | None, extra: Sequence[str] = ()) -> Iterator[list[
     elif runner.lower() in PRESETS:
         yield PRESETS[runner.lower()] + extra
     else:
-        yield [f"--runner={runner}"] + extra
+        yield [f"--runner={runner}", *extra]

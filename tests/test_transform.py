@@ -114,7 +114,7 @@ def run_transform(
 ) -> tuple[Transform, dict[str, Artifact]]:
     batches, arrow_schema = taxi_batches(tmp_dir)
     keep = [n for n in arrow_schema.names if n not in drop_columns]
-    batches = {s: b.select(keep) for s, b in batches.items()}
+    batches = {s: pa.RecordBatch.from_arrays([b.column(n) for n in keep], names=keep) for s, b in batches.items()}
     arrow_schema = pa.schema([arrow_schema.field(n) for n in keep])
     examples, schema = channels()
     component = Transform(examples=examples, schema=schema, module_file=module_file, **params)
@@ -150,10 +150,11 @@ def read_transformed(artifact: Artifact, split: str, feature_spec: dict) -> dict
 
 
 def expected_labels(rows: int = 300) -> int:
-    """Number of rows among the first `rows` whose tip exceeds 20% of a known fare."""
+    """Number of rows among the first `rows` whose tip exceeds 20% of a known fare (in float32, as TF)."""
     with open(TAXI_CSV) as f:
         sample = [r for _, r in zip(range(rows), csv.DictReader(f))]
-    return sum(1 for r in sample if r["fare"] and float(r["tips"] or 0) > 0.2 * float(r["fare"]))
+    f32 = np.float32
+    return sum(1 for r in sample if r["fare"] and f32(r["tips"] or 0) > f32(0.2) * f32(r["fare"]))
 
 
 # -- tests ---------------------------------------------------------------------------------------------

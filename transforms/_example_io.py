@@ -23,9 +23,18 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipeline.errors import InputDataError
 
 NUMERIC_TO_LIST = {
-    pa.int8(): pa.int64(), pa.int16(): pa.int64(), pa.int32(): pa.int64(), pa.int64(): pa.int64(),
-    pa.uint8(): pa.int64(), pa.uint16(): pa.int64(), pa.uint32(): pa.int64(), pa.uint64(): pa.int64(),
-    pa.bool_(): pa.int64(), pa.float16(): pa.float32(), pa.float32(): pa.float32(), pa.float64(): pa.float32(),
+    pa.int8(): pa.int64(),
+    pa.int16(): pa.int64(),
+    pa.int32(): pa.int64(),
+    pa.int64(): pa.int64(),
+    pa.uint8(): pa.int64(),
+    pa.uint16(): pa.int64(),
+    pa.uint32(): pa.int64(),
+    pa.uint64(): pa.int64(),
+    pa.bool_(): pa.int64(),
+    pa.float16(): pa.float32(),
+    pa.float32(): pa.float32(),
+    pa.float64(): pa.float32(),
 }
 _CONVERSION_RE = re.compile(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to (\w+): invalid value '(.*)'")
 SAMPLE_BYTES = 1 << 18
@@ -73,7 +82,7 @@ def csv_header(path: str) -> list[str]:
     if file_size(path) == 0:
         raise InputDataError(f"{path}: file is empty; expected a CSV header line followed by rows")
     head = read_range(path, 0, SAMPLE_BYTES)
-    first, sep, rest = head.partition(b"\n")
+    first, _sep, rest = head.partition(b"\n")
     names = pv.read_csv(io.BytesIO(first + b"\n"), read_options=pv.ReadOptions(use_threads=False)).column_names
     if not rest.strip():
         raise InputDataError(f"{path}: has a header line but no data rows")
@@ -154,7 +163,7 @@ def infer_csv_types(paths: Sequence[str], overrides: dict[str, str] | None = Non
                 )
             except pa.ArrowInvalid:
                 continue  # a bad line in the sample: the real parse will report it precisely
-            for name, col in zip(names, table.columns):
+            for name, col in zip(names, table.columns, strict=False):
                 seen[name].add(col.type)
     overrides = overrides or {}
     fields = []
@@ -167,8 +176,15 @@ def infer_csv_types(paths: Sequence[str], overrides: dict[str, str] | None = Non
 
 
 def _type_from_name(name: str, column: str) -> pa.DataType:
-    types = {"int": pa.int64(), "int64": pa.int64(), "float": pa.float64(), "float64": pa.float64(),
-             "float32": pa.float64(), "string": pa.string(), "bytes": pa.string()}
+    types = {
+        "int": pa.int64(),
+        "int64": pa.int64(),
+        "float": pa.float64(),
+        "float64": pa.float64(),
+        "float32": pa.float64(),
+        "string": pa.string(),
+        "bytes": pa.string(),
+    }
     if name not in types:
         raise InputDataError(f"column_types[{column!r}] = {name!r}: expected one of {sorted(types)}")
     return types[name]
@@ -286,7 +302,7 @@ def parse_csv_block(
             for index, expected, actual in located:
                 reject(index, f"expected {expected} columns, got {actual}")
             continue  # reparse without those lines so row numbers in later errors stay exact
-        return table, bad
+        return table, sorted(bad, key=lambda b: b.line)
     raise InputDataError(f"{path}: too many bad records in bytes {start}-{end}")
 
 
@@ -294,10 +310,12 @@ def parse_csv_block(
 def to_list_batch(table: pa.Table) -> pa.RecordBatch:
     """Flat columns → large_list columns (missing = empty list): the layout TFDV and TFT read."""
     arrays, fields = [], []
-    for name, col in zip(table.column_names, table.columns):
+    for name, col in zip(table.column_names, table.columns, strict=False):
         arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
         if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-            arrays.append(arr if pa.types.is_large_list(arr.type) else arr.cast(pa.large_list(_value_type(arr.type.value_type))))
+            arrays.append(
+                arr if pa.types.is_large_list(arr.type) else arr.cast(pa.large_list(_value_type(arr.type.value_type)))
+            )
             fields.append(pa.field(name, arrays[-1].type))
             continue
         value_type = _value_type(arr.type)
@@ -321,6 +339,7 @@ def list_schema(flat: pa.Schema) -> pa.Schema:
 
 
 # -- split assignment -----------------------------------------------------------------------------
+_NULL_HASH = np.uint64(0x9E3779B97F4A7C15)  # a missing value hashes the same whatever the column type
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
@@ -334,30 +353,59 @@ def _mix(h: np.ndarray) -> np.ndarray:
 def _column_hash(arr: pa.Array) -> np.ndarray:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        return _list_hash(arr)
     if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_boolean(arr.type):
-        filled = arr.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
-        return _mix(np.ascontiguousarray(filled).view(np.uint64))
-    # Strings (and lists): hash the distinct values once, then gather.
-    if not (pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)
-            or pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)):
-        arr = pa.array([repr(v) for v in arr.to_pylist()])
-    encoded = pc.dictionary_encode(arr)
+        # Numbers hash by value (1 and 1.0 agree, so int/float typing of a column does not move rows);
+        # floats at float32 precision, the precision they are stored with, so every format agrees.
+        if pa.types.is_floating(arr.type):
+            arr = arr.cast(pa.float32())
+        filled = arr.cast(pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
+        hashed = _mix(np.ascontiguousarray(filled).view(np.uint64))
+        if arr.null_count:
+            hashed[~arr.is_valid().to_numpy(zero_copy_only=False)] = _NULL_HASH
+        return hashed
+    # Strings and bytes: hash the distinct values once (as bytes, so every format agrees), then gather.
+    encoded = pc.dictionary_encode(arr.cast(pa.large_binary()))
     dictionary = encoded.dictionary.to_pylist()
     table = np.array(
-        [int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") for v in dictionary]
-        + [0x9E3779B97F4A7C15],
+        [int.from_bytes(hashlib.blake2b(v, digest_size=8).digest(), "little") for v in dictionary]
+        + [int(_NULL_HASH)],
         dtype=np.uint64,
     )
     idx = encoded.indices.fill_null(len(dictionary)).to_numpy(zero_copy_only=False)
     return table[idx]
 
 
+def _list_hash(arr: pa.Array) -> np.ndarray:
+    """Lists of at most one value (the usual case) hash like the flat value; longer lists combine hashes."""
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+    values = _column_hash(arr.flatten())
+    out = np.full(len(arr), _NULL_HASH, dtype=np.uint64)
+    if len(values) == 0:
+        return out
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    single = lengths == 1
+    out[single] = values[starts[single]]
+    for row in np.nonzero(lengths > 1)[0]:
+        h = np.uint64(0)
+        for v in values[starts[row] : starts[row] + lengths[row]]:
+            h = _mix(np.array([h * np.uint64(31) + v], dtype=np.uint64))[0]
+        out[row] = h
+    return out
+
+
 def row_hashes(table: pa.Table, columns: Sequence[str] | None = None) -> np.ndarray:
-    """A deterministic 64-bit hash per row of the named (default: all) columns."""
+    """A deterministic 64-bit hash per row of the named (default: all) columns.
+
+    Columns are taken by name and missing values contribute nothing, so a row hashes the same
+    whether it comes from CSV, Parquet or TFRecord (where an all-missing feature has no column).
+    """
     h = np.zeros(table.num_rows, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for name in columns or table.column_names:
-            h = _mix(h * np.uint64(31) + _column_hash(table.column(name)))
+        for name in sorted(columns or table.column_names):
+            col = _column_hash(table.column(name))
+            h = np.where(col == _NULL_HASH, h, _mix(h * np.uint64(31) + col))
     return h
 
 

@@ -49,7 +49,9 @@ class ExampleGen(Component):
             raise PipelineDefinitionError(f"on_bad_record={on_bad_record!r}: expected 'error' or 'skip'")
         splits = dict(splits or {"train": 2, "eval": 1})
         if not splits or any(not isinstance(w, int) or w <= 0 for w in splits.values()):
-            raise PipelineDefinitionError(f"splits {splits}: expected positive integer weights, e.g. {{'train': 2, 'eval': 1}}")
+            raise PipelineDefinitionError(
+                f"splits {splits}: expected positive integer weights, e.g. {{'train': 2, 'eval': 1}}"
+            )
         patterns = [input_base] if isinstance(input_base, str) else list(input_base)
         super().__init__(
             inputs={},
@@ -93,11 +95,15 @@ class ExampleGen(Component):
                 self._schema = _tfrecord_schema(self.files)
             feature = self.params["partition_feature"]
             if feature and feature not in self._schema.names:
-                raise InputDataError(f"partition_feature {feature!r} is not a column of {self.files[0]}: {self._schema.names}")
+                raise InputDataError(
+                    f"partition_feature {feature!r} is not a column of {self.files[0]}: {self._schema.names}"
+                )
         return self._schema
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        return {"examples": {"arrow_schema": io_.list_schema(self.flat_schema()), "splits": list(self.params["splits"])}}
+        return {
+            "examples": {"arrow_schema": io_.list_schema(self.flat_schema()), "splits": list(self.params["splits"])}
+        }
 
     # -- graph ---------------------------------------------------------------------------------------
     def expand(self, pbegin):
@@ -202,17 +208,25 @@ def _conform(table: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
 
 
 def _tfrecord_schema(files: list[str]) -> pa.Schema:
-    """Feature types from the first records: decode a sample with tfx-bsl and read its Arrow schema."""
+    """Feature types from the first records of each file (up to 8 files × 10,000 records), decoded by tfx-bsl.
+
+    A feature absent from every sampled record cannot be seen here; name it in `column_types`.
+    """
     from tfx_bsl.coders.example_coder import ExamplesToRecordBatchDecoder
 
-    records = _tfrecords(files[0], limit=1000)
-    if not records:
-        raise InputDataError(f"{files[0]}: TFRecord file holds no records; expected serialized tf.train.Example")
-    try:
-        batch = ExamplesToRecordBatchDecoder().DecodeBatch(records)
-    except Exception as e:
-        raise InputDataError(f"{files[0]}: records are not serialized tf.train.Example: {e}") from None
-    return pa.schema([pa.field(f.name, f.type if f.type != pa.null() else pa.large_list(pa.large_binary())) for f in batch.schema])
+    fields: dict[str, pa.DataType] = {}
+    for path in files[:8]:
+        records = _tfrecords(path, limit=10000)
+        if not records:
+            raise InputDataError(f"{path}: TFRecord file holds no records; expected serialized tf.train.Example")
+        try:
+            batch = ExamplesToRecordBatchDecoder().DecodeBatch(records)
+        except Exception as e:
+            raise InputDataError(f"{path}: records are not serialized tf.train.Example: {e}") from None
+        for f in batch.schema:
+            if f.type != pa.null() and not pa.types.is_null(getattr(f.type, "value_type", f.type)):
+                fields.setdefault(f.name, f.type)
+    return pa.schema([pa.field(name, fields[name]) for name in sorted(fields)])
 
 
 def _tfrecords(path: str, limit: int | None = None) -> list[bytes]:
@@ -232,7 +246,13 @@ def _read_tfrecord(path: str, schema: pa.Schema) -> pa.Table:
     tfmd = schema_pb2.Schema()
     for f in schema:
         value = f.type.value_type if pa.types.is_large_list(f.type) or pa.types.is_list(f.type) else f.type
-        kind = schema_pb2.INT if pa.types.is_integer(value) else schema_pb2.FLOAT if pa.types.is_floating(value) else schema_pb2.BYTES
+        kind = (
+            schema_pb2.INT
+            if pa.types.is_integer(value)
+            else schema_pb2.FLOAT
+            if pa.types.is_floating(value)
+            else schema_pb2.BYTES
+        )
         tfmd.feature.add(name=f.name, type=kind)
     decoder = ExamplesToRecordBatchDecoder(tfmd.SerializeToString())
     records = _tfrecords(path)
@@ -241,10 +261,11 @@ def _read_tfrecord(path: str, schema: pa.Schema) -> pa.Table:
     try:
         batch = decoder.DecodeBatch(records)
     except Exception as e:
-        raise InputDataError(f"{path}: records are not serialized tf.train.Example matching {schema.names}: {e}") from None
+        raise InputDataError(
+            f"{path}: records are not serialized tf.train.Example matching {schema.names}: {e}"
+        ) from None
     return pa.Table.from_batches([batch])
 
 
 def _empty(schema: pa.Schema) -> pa.Table:
     return pa.table({f.name: pa.array([], type=f.type) for f in schema})
-

@@ -8,7 +8,7 @@ from typing import Any
 import apache_beam as beam
 
 from beam_pipeline import artifact_io
-from beam_pipeline.artifacts import ANOMALIES, STATISTICS, SCHEMA
+from beam_pipeline.artifacts import ANOMALIES, SCHEMA, STATISTICS
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import AnomaliesFoundError, PipelineDefinitionError
 
@@ -59,28 +59,36 @@ class ExampleValidator(Component):
 
         uri = self.ctx.output_uri("anomalies")
         stats: dict[str, beam.PCollection] = inputs["statistics"]
-        schema = beam.pvalue.AsSingleton(inputs["schema"] | "Comparators" >> beam.Map(
-            _with_drift_comparators, self.params["drift_comparators"]))
+        schema = beam.pvalue.AsSingleton(
+            inputs["schema"] | "Comparators" >> beam.Map(_with_drift_comparators, self.params["drift_comparators"])
+        )
         baseline_name = self.params["drift_baseline"]
         previous = self.ctx.resolved.get("previous_statistics")
         drift = bool(self.params["drift_comparators"])
         if drift and baseline_name != PREVIOUS_RUN and baseline_name not in stats:
             raise PipelineDefinitionError(
-                f"{self.id}: drift_baseline {baseline_name!r} is not a split ({sorted(stats)}) nor {PREVIOUS_RUN!r}")
+                f"{self.id}: drift_baseline {baseline_name!r} is not a split ({sorted(stats)}) nor {PREVIOUS_RUN!r}"
+            )
         out, summaries = {}, []
         for split, split_stats in stats.items():
             baseline = None
             if drift and baseline_name == PREVIOUS_RUN and previous is not None and split in previous.split_names:
-                baseline = split_stats.pipeline | f"Previous[{split}]" >> beam.Create([artifact_io.read_proto(
-                    artifact_io.split_file(previous.uri, split, artifact_io.STATS_FILE),
-                    statistics_pb2.DatasetFeatureStatisticsList)])
+                baseline = split_stats.pipeline | f"Previous[{split}]" >> beam.Create(
+                    [
+                        artifact_io.read_proto(
+                            artifact_io.split_file(previous.uri, split, artifact_io.STATS_FILE),
+                            statistics_pb2.DatasetFeatureStatisticsList,
+                        )
+                    ]
+                )
             elif drift and baseline_name in stats and baseline_name != split:
                 baseline = stats[baseline_name]
             extra = {"previous": beam.pvalue.AsSingleton(baseline)} if baseline is not None else {}
             anomalies = split_stats | f"Validate[{split}]" >> beam.Map(_validate, schema=schema, **extra)
             out[split] = anomalies
             written = anomalies | f"Write[{split}]" >> artifact_io.WriteProto(
-                artifact_io.split_file(uri, split, artifact_io.ANOMALIES_FILE))
+                artifact_io.split_file(uri, split, artifact_io.ANOMALIES_FILE)
+            )
             summaries.append(
                 (anomalies, written)
                 | f"Join[{split}]" >> beam.Flatten()
@@ -92,11 +100,14 @@ class ExampleValidator(Component):
             summaries
             | "AllSummaries" >> beam.Flatten()
             | "Collect" >> beam.combiners.ToList()
-            | "Properties" >> beam.Map(lambda rows: {
-                "split_names": splits,
-                "anomaly_count": sum(len(lines) for _, lines in rows),
-                "anomalies": {s: lines for s, lines in rows},
-            })
+            | "Properties"
+            >> beam.Map(
+                lambda rows: {
+                    "split_names": splits,
+                    "anomaly_count": sum(len(lines) for _, lines in rows),
+                    "anomalies": {s: lines for s, lines in rows},
+                }
+            )
         )
         committed = self.ctx.publish("anomalies", properties)
         if self.params["halt_on_anomalies"]:
@@ -114,7 +125,9 @@ def _with_drift_comparators(schema, comparators: Mapping[str, float]):
     for name, threshold in comparators.items():
         feature = by_name.get(name)
         if feature is None:
-            raise PipelineDefinitionError(f"drift comparator for {name!r}: no such feature in the schema ({sorted(by_name)})")
+            raise PipelineDefinitionError(
+                f"drift comparator for {name!r}: no such feature in the schema ({sorted(by_name)})"
+            )
         if feature.type == schema_pb2.BYTES or feature.HasField("domain") or feature.HasField("string_domain"):
             feature.drift_comparator.infinity_norm.threshold = threshold
         else:

@@ -47,7 +47,9 @@ class SchemaGen(Component):
 
         split = self.params["split"]
         if split not in inputs["statistics"]:
-            raise InputDataError(f"{self.id}: no statistics for split {split!r}; splits are {sorted(inputs['statistics'])}")
+            raise InputDataError(
+                f"{self.id}: no statistics for split {split!r}; splits are {sorted(inputs['statistics'])}"
+            )
         schema = inputs["statistics"][split] | "Infer" >> beam.Map(
             tfdv.infer_schema, infer_feature_shape=self.params["infer_feature_shape"]
         )

@@ -28,7 +28,11 @@ class StatisticsGen(Component):
     ):
         super().__init__(
             inputs={"examples": examples},
-            params={"sample_rate": sample_rate, "num_top_values": num_top_values, "slice_features": list(slice_features)},
+            params={
+                "sample_rate": sample_rate,
+                "num_top_values": num_top_values,
+                "slice_features": list(slice_features),
+            },
             component_id=component_id,
         )
 
@@ -58,8 +62,11 @@ class StatisticsGen(Component):
                 | f"Name[{split}]" >> beam.Map(_name_datasets, split)
             )
             out[split] = stats
-            written.append(stats | f"Write[{split}]" >> artifact_io.WriteProto(
-                artifact_io.split_file(uri, split, artifact_io.STATS_FILE)))
+            written.append(
+                stats
+                | f"Write[{split}]"
+                >> artifact_io.WriteProto(artifact_io.split_file(uri, split, artifact_io.STATS_FILE))
+            )
         splits = list(out)
         properties = (
             written

@@ -1,9 +1,10 @@
 """Server-side batching: concurrent requests to one signature of one version become one model call.
 
 A model call costs about the same for 1 row as for 64 (the fixed per-call overhead dominates small
-models), so under load merging requests multiplies throughput. Semantics follow TF Serving's batcher: a
-batch is run when it holds `max_batch_size` rows or when its oldest request has waited `timeout_s`.
-While one batch runs, the next one fills up, so under load batches form without waiting at all.
+models), so under load merging requests multiplies throughput. Like TF Serving's batcher, a batch runs
+when it holds `max_batch_size` rows or its oldest request has waited `timeout_s`; unlike it, a batch also
+runs as soon as a pass of the event loop brings no new request, so a lone request is not held back for
+the timeout. While one batch runs the next one fills up, so under load batches form without waiting.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class _Queue:
     signature: str
     tasks: collections.deque[_Task] = dataclasses.field(default_factory=collections.deque)
     rows: int = 0
-    full: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
 
 
@@ -72,21 +72,20 @@ class Batcher:
         queue.rows += rows
         if queue.worker is None:
             queue.worker = asyncio.create_task(self._work(key, queue))
-        elif queue.rows >= self.max_batch_size:
-            queue.full.set()
         return await task.future
 
     async def _work(self, key: Hashable, queue: _Queue) -> None:
         loop = asyncio.get_running_loop()
         try:
             while queue.tasks:
-                remaining = queue.tasks[0].enqueued + self.timeout_s - loop.time()
-                if queue.rows < self.max_batch_size and remaining > 0:
-                    queue.full.clear()
-                    try:
-                        await asyncio.wait_for(queue.full.wait(), remaining)
-                    except TimeoutError:
-                        pass
+                deadline = queue.tasks[0].enqueued + self.timeout_s
+                quiet = 0
+                # Wait while requests keep coming (a new request needs two loop iterations: one reads its
+                # socket, the next runs its handler), until the batch is full or its oldest request is due.
+                while queue.rows < self.max_batch_size and quiet < 2 and loop.time() < deadline:
+                    before = queue.rows
+                    await asyncio.sleep(0)
+                    quiet = quiet + 1 if queue.rows == before else 0
                 batch, rows = [], 0
                 while queue.tasks and rows + queue.tasks[0].rows <= self.max_batch_size:
                     task = queue.tasks.popleft()
@@ -115,7 +114,7 @@ class Batcher:
                 return
             _settle(batch[0], error=e)
             return
-        except Exception as e:  # noqa: BLE001 - handed on to every waiting request, which reports it
+        except Exception as e:
             for task in batch:
                 _settle(task, error=e)
             return

@@ -20,6 +20,8 @@ from beam_pipeline.serving.errors import BadRequestError
 from beam_pipeline.serving.models import SignatureInfo, TensorInfo
 
 _JSON_NUMPY_KINDS = frozenset("biuf")  # numpy kinds orjson serializes natively
+# The value types of tf.train.Feature lists.
+_BYTES, _INT64, _FLOAT = TensorInfo(tf.string, None), TensorInfo(tf.int64, None), TensorInfo(tf.float32, None)
 
 
 def _describe(value: Any) -> str:
@@ -58,8 +60,9 @@ def _b64decode(field: str, value: Any) -> bytes:
         raise BadRequestError(f"{field!r}: invalid base64: {e}") from None
 
 
-def _scalars(field: str, flat: list[Any], dtype: tf.DType) -> np.ndarray:
-    if dtype == tf.string:
+def _scalars(field: str, flat: list[Any], info: TensorInfo) -> np.ndarray:
+    kind = info.kind
+    if kind == "string":
         out = np.empty(len(flat), dtype=object)
         for i, v in enumerate(flat):
             if type(v) is str:
@@ -67,24 +70,25 @@ def _scalars(field: str, flat: list[Any], dtype: tf.DType) -> np.ndarray:
             elif _is_b64(v):
                 out[i] = _b64decode(field, v["b64"])
             else:
-                raise BadRequestError(f"{field!r}: expected strings (or {{\"b64\": ...}}), got {_describe(v)}")
+                raise BadRequestError(f'{field!r}: expected strings (or {{"b64": ...}}), got {_describe(v)}')
         return out
-    if dtype.is_bool:
+    if kind == "bool":
         bad = next((v for v in flat if type(v) is not bool), None)
         if bad is not None:
             raise BadRequestError(f"{field!r}: expected booleans, got {_describe(bad)}")
         return np.array(flat, dtype=np.bool_)
-    if dtype.is_floating:
+    if kind == "float":
         bad = next((v for v in flat if type(v) is not float and type(v) is not int), None)
         if bad is not None:
-            raise BadRequestError(f"{field!r}: expected {dtype.name} numbers, got {_describe(bad)}")
-        return np.array(flat, dtype=dtype.as_numpy_dtype)
-    if dtype.is_integer:
-        bad = next((v for v in flat if type(v) is not int or not dtype.min <= v <= dtype.max), None)
+            raise BadRequestError(f"{field!r}: expected {info.dtype.name} numbers, got {_describe(bad)}")
+        return np.array(flat, dtype=info.dtype.as_numpy_dtype)
+    if kind == "int":
+        low, high = info.bounds
+        bad = next((v for v in flat if type(v) is not int or not low <= v <= high), None)
         if bad is not None:
-            raise BadRequestError(f"{field!r}: expected {dtype.name} integers, got {_describe(bad)}")
-        return np.array(flat, dtype=dtype.as_numpy_dtype)
-    raise BadRequestError(f"{field!r}: inputs of dtype {dtype.name} cannot be sent as JSON")
+            raise BadRequestError(f"{field!r}: expected {info.dtype.name} integers, got {_describe(bad)}")
+        return np.array(flat, dtype=info.dtype.as_numpy_dtype)
+    raise BadRequestError(f"{field!r}: inputs of dtype {info.dtype.name} cannot be sent as JSON")
 
 
 def to_array(field: str, value: Any, info: TensorInfo) -> np.ndarray:
@@ -115,7 +119,7 @@ def to_array(field: str, value: Any, info: TensorInfo) -> np.ndarray:
         level = below
     if any(isinstance(v, list) for v in level):
         raise BadRequestError(f"{field!r}: expected a rank-{rank} value, got deeper nested lists")
-    return _scalars(field, level, info.dtype).reshape(dims)
+    return _scalars(field, level, info).reshape(dims)
 
 
 def decode_instances(instances: Any, sig: SignatureInfo) -> dict[str, np.ndarray]:
@@ -134,7 +138,7 @@ def decode_instances(instances: Any, sig: SignatureInfo) -> dict[str, np.ndarray
             columns[single].append(row)
             continue
         if not isinstance(row, dict):
-            raise BadRequestError(f"instances[{i}]: expected an object with inputs {sorted(names)}, got {_describe(row)}")
+            raise BadRequestError(f"instances[{i}]: expected an object of inputs {sorted(names)}, got {_describe(row)}")
         if row.keys() != names.keys():
             _raise_key_mismatch(f"instances[{i}]", row.keys(), names.keys())
         for name, value in row.items():
@@ -220,19 +224,19 @@ def dumps(payload: Any) -> bytes:
 def _feature(where: str, name: str, value: Any, hint: TensorInfo | None) -> feature_pb2.Feature:
     values = value if isinstance(value, list) else [value]
     if hint is not None:
-        kind = "bytes" if hint.dtype == tf.string else "float" if hint.dtype.is_floating else "int64"
+        kind = "string" if hint.kind == "string" else "float" if hint.kind == "float" else "int"
     elif values and all(type(v) is int for v in values):
-        kind = "int64"
+        kind = "int"
     elif values and all(type(v) is str or _is_b64(v) for v in values):
-        kind = "bytes"
+        kind = "string"
     else:
         kind = "float"
     field = f"{where}[{name!r}]"
-    if kind == "bytes":
-        return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=_scalars(field, values, tf.string)))
-    if kind == "int64":
-        return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=_scalars(field, values, tf.int64)))
-    return feature_pb2.Feature(float_list=feature_pb2.FloatList(value=_scalars(field, values, tf.float32)))
+    if kind == "string":
+        return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=_scalars(field, values, _BYTES)))
+    if kind == "int":
+        return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=_scalars(field, values, _INT64)))
+    return feature_pb2.Feature(float_list=feature_pb2.FloatList(value=_scalars(field, values, _FLOAT)))
 
 
 def encode_examples(payload: Mapping[str, Any], hints: Mapping[str, TensorInfo] | None) -> np.ndarray:
@@ -280,12 +284,17 @@ def classification_results(outputs: Mapping[str, np.ndarray], rows: int) -> list
     scores = scores.reshape(rows, -1)
     classes = outputs.get("classes")
     if classes is not None:
-        labels = [[_bytes_to_json("classes", c) if isinstance(c, bytes) else str(c) for c in row]
-                  for row in classes.reshape(rows, -1)]
+        labels = [
+            [_bytes_to_json("classes", c) if isinstance(c, bytes) else str(c) for c in row]
+            for row in classes.reshape(rows, -1)
+        ]
     else:
         labels = [[""] * scores.shape[1]] * rows
     # numpy float32 scalars: serialized by orjson with float32's shortest repr, like the other endpoints.
-    return [[[label, s] for label, s in zip(row_labels, row)] for row_labels, row in zip(labels, scores)]
+    return [
+        [[label, s] for label, s in zip(row_labels, row, strict=True)]
+        for row_labels, row in zip(labels, scores, strict=True)
+    ]
 
 
 def regression_results(outputs: Mapping[str, np.ndarray], rows: int) -> np.ndarray:

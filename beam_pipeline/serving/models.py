@@ -25,20 +25,16 @@ from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from beam_pipeline.serving.errors import BadRequestError, ModelLoadError, ServableNotFoundError
+from beam_pipeline.serving.names import MODEL_NAME_RE, VERSION_RE
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-# Directory names that are versions: plain decimal digits that fit in an int64, as TF Serving reads them.
-_VERSION_DIR_RE = re.compile(r"^[0-9]{1,18}$")
 SAVED_MODEL_FILE = "saved_model.pb"
 
 
 class VersionState(enum.Enum):
     """The lifecycle states TF Serving reports in `model_version_status`."""
 
-    LOADING = "LOADING"
     AVAILABLE = "AVAILABLE"
     UNLOADING = "UNLOADING"
     END = "END"
@@ -46,10 +42,31 @@ class VersionState(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-    """Dtype and shape of one signature input or output; `shape` is None when the rank is unknown."""
+    """Dtype and shape of one signature input or output; `shape` is None when the rank is unknown.
+
+    `kind` ("string", "bool", "float", "int" or "other") and the integer bounds are derived once here
+    because comparing tf.DTypes on every request is surprisingly slow.
+    """
 
     dtype: tf.DType
     shape: tuple[int | None, ...] | None
+    kind: str = dataclasses.field(init=False)
+    bounds: tuple[int, int] | None = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        dtype = self.dtype
+        if dtype == tf.string:
+            kind = "string"
+        elif dtype.is_bool:
+            kind = "bool"
+        elif dtype.is_floating:
+            kind = "float"
+        elif dtype.is_integer:
+            kind = "int"
+        else:
+            kind = "other"
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "bounds", (int(dtype.min), int(dtype.max)) if kind == "int" else None)
 
     @classmethod
     def from_spec(cls, spec: tf.TensorSpec) -> TensorInfo:
@@ -115,8 +132,7 @@ class Servable:
             return self.signatures[name]
         except KeyError:
             raise BadRequestError(
-                f'Serving signature name: "{name}" not found in signature def; '
-                f"signatures are {sorted(self.signatures)}"
+                f'Serving signature name: "{name}" not found in signature def; signatures are {sorted(self.signatures)}'
             ) from None
 
     def run(self, signature: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -157,27 +173,6 @@ def load_servable(name: str, version: int, path: str) -> Servable:
     except (OSError, ValueError, DecodeError, tf.errors.OpError) as e:
         raise ModelLoadError(f"{path}: {type(e).__name__}: {e}") from e
     return Servable(name, version, path, model, dict(model.signatures), meta_graphs[0].signature_def)
-
-
-def parse_version_labels(text: str) -> dict[str, int]:
-    """Parse `stable=3,canary=4` (the --model_version_labels flag) into {label: version}."""
-    labels: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        label, sep, version = item.partition("=")
-        label, version = label.strip(), version.strip()
-        if not sep or not LABEL_RE.match(label) or not _VERSION_DIR_RE.match(version):
-            raise ValueError(f"bad version label {item!r}: expected LABEL=VERSION with LABEL matching {LABEL_RE.pattern}")
-        if label in labels:
-            raise ValueError(f"version label {label!r} given twice")
-        labels[label] = int(version)
-    return labels
-
-
-def parse_version(text: str) -> int:
-    """A version from a URL: decimal digits only, else a 400 (this also rules out any path trickery)."""
-    if not _VERSION_DIR_RE.match(text):
-        raise BadRequestError(f"version must be a non-negative integer, got {text[:40]!r}")
-    return int(text)
 
 
 class ModelManager:
@@ -272,7 +267,7 @@ class ModelManager:
         found: dict[int, str] = {}
         with os.scandir(self.base_path) as entries:
             for entry in entries:
-                if not _VERSION_DIR_RE.match(entry.name) or not entry.is_dir():
+                if not VERSION_RE.match(entry.name) or not entry.is_dir():
                     continue
                 if os.path.isfile(os.path.join(entry.path, SAVED_MODEL_FILE)):
                     found[int(entry.name)] = entry.path
@@ -321,8 +316,12 @@ class ModelManager:
     def _retire(self, servable: Servable) -> None:
         # Called with self._lock held; the servable is no longer reachable by new requests.
         servable.state = VersionState.UNLOADING
-        log.info("model %s version %d: unloading (%d requests in flight)", self.model_name, servable.version,
-                 servable.refcount)
+        log.info(
+            "model %s version %d: unloading (%d requests in flight)",
+            self.model_name,
+            servable.version,
+            servable.refcount,
+        )
         if servable.refcount == 0:
             self._finish_unload(servable)
 
@@ -341,7 +340,7 @@ class ModelManager:
         while not self._stop.wait(interval_s):
             try:
                 self.poll_once()
-            except Exception:  # noqa: BLE001 - the poller must outlive any one bad poll
+            except Exception:
                 log.exception("polling %s failed; retrying in %.1f s", self.base_path, interval_s)
 
     def stop(self) -> None:

@@ -1,8 +1,8 @@
-"""The REST app: TF Serving's URLs and JSON on FastAPI, served by uvicorn.
+"""The REST app: TF Serving's URLs and JSON on Starlette, served by uvicorn.
 
-Handlers read the body themselves (to enforce the size limit while streaming and to keep the per-request
-cost low) and declare the request schemas in `openapi_extra`, so /openapi.json still describes every
-route for clients and fuzzers.
+Starlette rather than FastAPI because on a small model the web framework is most of the cost of a
+request: FastAPI's per-request machinery halved throughput in benchmarks/serving_load.py. The OpenAPI
+document FastAPI would generate is written out from the same route table and served at /openapi.json.
 """
 
 from __future__ import annotations
@@ -17,23 +17,23 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from beam_pipeline.serving import codec
 from beam_pipeline.serving.batching import Batcher
-from beam_pipeline.serving.errors import BadRequestError, RequestTooLargeError, ServableNotFoundError, ServingRequestError
-from beam_pipeline.serving.models import (
-    LABEL_RE,
-    MODEL_NAME_RE,
-    ModelManager,
-    Servable,
-    SignatureInfo,
-    parse_version,
+from beam_pipeline.serving.errors import (
+    BadRequestError,
+    RequestTooLargeError,
+    ServableNotFoundError,
+    ServingRequestError,
 )
+from beam_pipeline.serving.models import ModelManager, Servable, SignatureInfo
+from beam_pipeline.serving.names import LABEL_RE, MODEL_NAME_RE, parse_version
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ _REQUEST_SCHEMAS["regress"] = _REQUEST_SCHEMAS["classify"]
 
 
 class ModelServer:
-    """Request handling for one model; `create_app` wires it into FastAPI and its lifespan."""
+    """Request handling for one model; `create_app` wires it into the app and its lifespan."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -115,7 +115,7 @@ class ModelServer:
 
     # -- lifecycle -----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         self._executor = ThreadPoolExecutor(self.config.model_threads, thread_name_prefix="model")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.manager.poll_once)
@@ -138,7 +138,9 @@ class ModelServer:
         return await self._run_in_thread(servable, sig.name, inputs)
 
     # -- request parsing -----------------------------------------------------------------------
-    def _target(self, model_name: str, version: str | None, label: str | None) -> tuple[int | None, str | None]:
+    def _target(self, params: Mapping[str, str]) -> tuple[int | None, str | None]:
+        """Validate the model name, version and label of a URL; return (version, label) to acquire."""
+        model_name, version, label = params["model_name"], params.get("version"), params.get("label")
         if not MODEL_NAME_RE.match(model_name):
             raise BadRequestError(f"invalid model name {model_name[:40]!r}: must match {MODEL_NAME_RE.pattern}")
         if label is not None and not LABEL_RE.match(label):
@@ -147,6 +149,8 @@ class ModelServer:
         if model_name != self.config.model_name:
             spec = f"Specific({model_name}, {parsed})" if parsed is not None else f"Latest({model_name})"
             raise ServableNotFoundError(f"Servable not found for request: {spec}")
+        if label is not None and label not in self.config.version_labels:
+            raise ServableNotFoundError(f"Unrecognized servable version label: {label}")
         return parsed, label
 
     async def _body(self, request: Request) -> dict[str, Any]:
@@ -163,12 +167,12 @@ class ModelServer:
         return codec.parse_json_object(b"".join(chunks))
 
     # -- handlers ------------------------------------------------------------------------------
-    async def status(self, request: Request, model_name: str, version: str | None, label: str | None) -> Response:
-        parsed, label = self._target(model_name, version, label)
+    async def status(self, request: Request) -> Response:
+        parsed, label = self._target(request.path_params)
         return _json({"model_version_status": self.manager.status(parsed, label)})
 
-    async def metadata(self, request: Request, model_name: str, version: str | None, label: str | None) -> Response:
-        parsed, label = self._target(model_name, version, label)
+    async def metadata(self, request: Request) -> Response:
+        parsed, label = self._target(request.path_params)
         with self.manager.acquire(parsed, label) as servable:
             return _json(
                 {
@@ -177,12 +181,12 @@ class ModelServer:
                 }
             )
 
-    async def predict(self, request: Request, model_name: str, version: str | None, label: str | None) -> Response:
-        parsed, label = self._target(model_name, version, label)
+    async def predict(self, request: Request) -> Response:
+        parsed, label = self._target(request.path_params)
         payload = await self._body(request)
         sig_name = codec.signature_name(payload, DEFAULT_SIGNATURE)
         if ("instances" in payload) == ("inputs" in payload):
-            raise BadRequestError("the request must have exactly one of 'instances' (row format) or 'inputs' (columnar)")
+            raise BadRequestError("the request needs exactly one of 'instances' (row format) or 'inputs' (columnar)")
         with self.manager.acquire(parsed, label) as servable:
             sig = servable.signature(sig_name)
             if "instances" in payload:
@@ -198,7 +202,7 @@ class ModelServer:
         default = EXAMPLES_SIGNATURE if EXAMPLES_SIGNATURE in servable.signatures else DEFAULT_SIGNATURE
         sig = servable.signature(codec.signature_name(payload, default))
         input_name, info = next(iter(sig.inputs.items()), (None, None))
-        if len(sig.inputs) != 1 or info.dtype != tf.string or info.shape is None or len(info.shape) != 1:
+        if len(sig.inputs) != 1 or info.kind != "string" or info.shape is None or len(info.shape) != 1:
             raise BadRequestError(
                 f"signature {sig.name!r} does not take serialized tf.Examples (one string input of shape [None])"
             )
@@ -207,95 +211,101 @@ class ModelServer:
         examples = codec.encode_examples(payload, hints)
         return await self._run(servable, sig, {input_name: examples}), len(examples)
 
-    async def classify(self, request: Request, model_name: str, version: str | None, label: str | None) -> Response:
-        parsed, label = self._target(model_name, version, label)
+    async def classify(self, request: Request) -> Response:
+        parsed, label = self._target(request.path_params)
         payload = await self._body(request)
         with self.manager.acquire(parsed, label) as servable:
             outputs, rows = await self._run_examples(servable, payload)
             return _json({"results": codec.classification_results(outputs, rows)})
 
-    async def regress(self, request: Request, model_name: str, version: str | None, label: str | None) -> Response:
-        parsed, label = self._target(model_name, version, label)
+    async def regress(self, request: Request) -> Response:
+        parsed, label = self._target(request.path_params)
         payload = await self._body(request)
         with self.manager.acquire(parsed, label) as servable:
             outputs, rows = await self._run_examples(servable, payload)
             return _json({"results": codec.regression_results(outputs, rows)})
 
 
-Handler = Callable[[Request, str, "str | None", "str | None"], Awaitable[Response]]
+def _openapi(routes: list[tuple[str, str, str, str | None]]) -> dict[str, Any]:
+    """OpenAPI 3.1 description of the routes, for clients and for API fuzzers such as schemathesis."""
+    paths: dict[str, dict[str, Any]] = {}
+    for path, method, summary, body in routes:
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "operationId": f"{summary.split()[0].lower()}_{path.strip('/').replace('/', '_')}".replace(":", "_"),
+            "parameters": [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                for name in ("model_name", "version", "label")
+                if f"{{{name}}}" in path
+            ],
+            "responses": {"200": {"description": "success", "content": {"application/json": {"schema": {}}}}}
+            | _ERROR_RESPONSES,
+        }
+        if body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": _REQUEST_SCHEMAS[body]}},
+            }
+        paths.setdefault(path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "beam-pipeline model server",
+            "version": "1",
+            "description": "TensorFlow Serving compatible REST API for the models the Pusher writes.",
+        },
+        "paths": paths,
+    }
 
 
-def _endpoint(handler: Handler, selector: str | None) -> Callable[..., Awaitable[Response]]:
-    # FastAPI reads path parameters (and documents them) from the endpoint's signature.
-    if selector is None:
-        async def latest(request: Request, model_name: str) -> Response:
-            return await handler(request, model_name, None, None)
-        return latest
-    if selector == "version":
-        async def by_version(request: Request, model_name: str, version: str) -> Response:
-            return await handler(request, model_name, version, None)
-        return by_version
-
-    async def by_label(request: Request, model_name: str, label: str) -> Response:
-        return await handler(request, model_name, None, label)
-    return by_label
-
-
-def create_app(model_base_path: str, model_name: str, **options: Any) -> FastAPI:
+def create_app(model_base_path: str, model_name: str, **options: Any) -> Starlette:
     """The ASGI app serving `model_base_path/<version>/` as `model_name`; `options` are ServerConfig fields.
 
     Versions are loaded when the app starts (its lifespan) and the base path is polled from then on.
     `app.state.server` is the ModelServer (its `manager` and `batcher` are useful in tests).
     """
     server = ModelServer(ServerConfig(model_base_path, model_name, **options))
-    app = FastAPI(
-        title="beam-pipeline model server",
-        description="TensorFlow Serving compatible REST API for the models the Pusher writes.",
-        lifespan=server.lifespan,
-    )
-    app.state.server = server
-    selectors = [("", None), ("/versions/{version}", "version"), ("/labels/{label}", "label")]
-    for suffix, selector in selectors:
+    table: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str, str | None]] = []
+    for suffix in ("", "/versions/{version}", "/labels/{label}"):
         base = "/v1/models/{model_name}" + suffix
-        kind = selector or "latest"
-        app.add_api_route(base, _endpoint(server.status, selector), methods=["GET"], name=f"status_{kind}",
-                          summary="Model version status", responses=_ERROR_RESPONSES)
-        app.add_api_route(f"{base}/metadata", _endpoint(server.metadata, selector), methods=["GET"],
-                          name=f"metadata_{kind}", summary="Signature metadata", responses=_ERROR_RESPONSES)
+        table.append((base, "GET", server.status, "Model version status", None))
+        table.append((f"{base}/metadata", "GET", server.metadata, "Signature metadata", None))
         for verb in ("predict", "classify", "regress"):
-            app.add_api_route(
-                f"{base}:{verb}",
-                _endpoint(getattr(server, verb), selector),
-                methods=["POST"],
-                name=f"{verb}_{kind}",
-                summary=verb.capitalize(),
-                responses=_ERROR_RESPONSES,
-                openapi_extra={
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _REQUEST_SCHEMAS[verb]}},
-                    }
-                },
-            )
+            table.append((f"{base}:{verb}", "POST", getattr(server, verb), f"{verb.capitalize()} request", verb))
+    schema = _openapi([(path, method, summary, body) for path, method, _, summary, body in table])
 
-    @app.exception_handler(ServingRequestError)
+    async def openapi(_request: Request) -> Response:
+        return _json(schema)
+
     async def request_error(_request: Request, exc: ServingRequestError) -> Response:
         return _json({"error": str(exc)}, exc.status_code)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def http_error(_request: Request, exc: HTTPException) -> Response:
         return _json({"error": str(exc.detail)}, exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    async def internal_error(_request: Request, exc: Exception) -> Response:
+        # Starlette re-raises after this response, so uvicorn logs the traceback.
         return _json({"error": f"internal error: {type(exc).__name__}"}, 500)
 
+    app = Starlette(
+        routes=[Route(path, handler, methods=[method]) for path, method, handler, _, _ in table]
+        + [Route("/openapi.json", openapi, methods=["GET"])],
+        exception_handlers={ServingRequestError: request_error, HTTPException: http_error, Exception: internal_error},
+        lifespan=server.lifespan,
+    )
+    app.state.server = server
     return app
 
 
-def serve(model_base_path: str, model_name: str, *, host: str = "127.0.0.1", port: int = 8501,
-          log_level: str = "info", **options: Any) -> None:
+def serve(
+    model_base_path: str,
+    model_name: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8501,
+    log_level: str = "info",
+    **options: Any,
+) -> None:
     """Serve until interrupted (blocking). `options` are ServerConfig fields."""
     app = create_app(model_base_path, model_name, **options)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

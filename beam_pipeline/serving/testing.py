@@ -8,6 +8,7 @@ layer stack so a benchmark can give the model a realistic per-call cost.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -28,7 +29,7 @@ class _DemoModel(tf.Module):
         rng = np.random.default_rng(0)
         sizes = (3, *hidden_units, 1) if hidden_units else ()
         self.layers = [
-            tf.Variable(rng.normal(scale=0.1, size=(a, b)).astype(np.float32)) for a, b in zip(sizes, sizes[1:])
+            tf.Variable(rng.normal(scale=0.1, size=(a, b)).astype(np.float32)) for a, b in itertools.pairwise(sizes)
         ]
 
     def _score(self, trip_miles: tf.Tensor, trip_seconds: tf.Tensor, payment_type: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -44,9 +45,7 @@ class _DemoModel(tf.Module):
             logit += tf.reshape(out, [-1])
         return {"scores": tf.reshape(tf.sigmoid(logit), [-1, 1])}
 
-    @tf.function(
-        input_signature=[tf.TensorSpec([None], dtype, name=name) for name, dtype in FEATURES.items()]
-    )
+    @tf.function(input_signature=[tf.TensorSpec([None], dtype, name=name) for name, dtype in FEATURES.items()])
     def serve_raw(self, trip_miles, trip_seconds, payment_type):
         return self._score(trip_miles, trip_seconds, payment_type)
 

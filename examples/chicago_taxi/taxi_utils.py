@@ -75,7 +75,9 @@ def _present_values(x: tf.Tensor | tf.SparseTensor) -> tf.SparseTensor:
     if isinstance(x, tf.SparseTensor):
         x = tf.sparse.retain(x, tf.equal(x.indices[:, 1], 0))
         return tf.SparseTensor(x.indices, x.values, tf.stack([x.dense_shape[0], tf.constant(1, tf.int64)]))
-    x = tf.reshape(x, [tf.shape(x)[0], -1])[:, :1]
+    if x.shape.rank == 1:
+        x = tf.expand_dims(x, 1)
+    x = x[:, :1]
     present = tf.math.logical_not(tf.math.is_nan(x)) if x.dtype.is_floating else tf.ones_like(x, tf.bool)
     indices = tf.where(present)
     return tf.SparseTensor(indices, tf.gather_nd(x, indices), tf.shape(x, out_type=tf.int64))

@@ -1,0 +1,112 @@
+"""`beam-pipeline serve`: the model server's command line, with TF Serving's flag names where they exist."""
+
+from __future__ import annotations
+
+import click
+
+from beam_pipeline.serving.names import parse_version_labels
+
+
+def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dict[str, int]:
+    try:
+        return parse_version_labels(value or "")
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.command("serve")
+@click.option(
+    "--model_base_path",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory holding <version>/saved_model.pb, as the Pusher writes it.",
+)
+@click.option("--model_name", default="default", show_default=True, help="Name in the /v1/models/NAME URLs.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8501, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 0.0.0.0 for all.")
+@click.option(
+    "--enable_batching/--no-enable_batching",
+    default=True,
+    show_default=True,
+    help="Merge concurrent requests into one model call.",
+)
+@click.option(
+    "--max_batch_size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Most rows in one batched model call.",
+)
+@click.option(
+    "--batch_timeout_ms",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Longest a request waits for others to batch with when the model is idle.",
+)
+@click.option(
+    "--poll_interval_s",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="How often to look for new versions; 0 loads once at startup only.",
+)
+@click.option(
+    "--max_request_bytes",
+    type=click.IntRange(min=1),
+    default=10 * 1024 * 1024,
+    show_default=True,
+    help="Larger request bodies are refused with 413.",
+)
+@click.option(
+    "--num_versions",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many of the newest versions to keep loaded (the newest is the default).",
+)
+@click.option(
+    "--model_version_labels",
+    callback=_labels,
+    default=None,
+    metavar="LABEL=V[,LABEL=V]",
+    help="Version labels such as stable=3,canary=4; labelled versions are kept loaded.",
+)
+@click.option(
+    "--log_level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
+def serve(
+    model_base_path: str,
+    model_name: str,
+    port: int,
+    host: str,
+    enable_batching: bool,
+    max_batch_size: int,
+    batch_timeout_ms: float,
+    poll_interval_s: float,
+    max_request_bytes: int,
+    num_versions: int,
+    model_version_labels: dict[str, int],
+    log_level: str,
+) -> None:
+    """Serve the pushed SavedModels under MODEL_BASE_PATH over TF Serving's REST API."""
+    # Imported here because it imports TensorFlow, which `beam-pipeline --help` should not wait for.
+    from beam_pipeline.serving import server
+
+    try:
+        server.serve(
+            model_base_path,
+            model_name,
+            host=host,
+            port=port,
+            log_level=log_level,
+            enable_batching=enable_batching,
+            max_batch_size=max_batch_size,
+            batch_timeout_ms=batch_timeout_ms,
+            poll_interval_s=poll_interval_s,
+            max_request_bytes=max_request_bytes,
+            num_versions=num_versions,
+            version_labels=model_version_labels,
+        )
+    except ValueError as e:  # bad configuration, e.g. a model name outside the allowed characters
+        raise click.UsageError(str(e)) from None

@@ -1,0 +1,229 @@
+"""Trainer component: trains the taxi module on transformed examples inside a Beam stage."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import sys
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from tensorflow_metadata.proto.v0 import schema_pb2
+from test_transform import TAXI_MODULE, channels, run_component, run_transform, taxi_batches, write_module
+
+from beam_pipeline.artifacts import MODEL, Artifact
+from beam_pipeline.errors import PipelineDefinitionError, UserModuleError
+from runners import training
+from transforms.trainer import SERVING_DIR, Trainer
+from transforms.transform import Transform
+
+RAW_DTYPES = {"float32": np.float32, "int64": np.int64, "string": object}
+
+
+@pytest.fixture(scope="module")
+def transformed(tmp_path_factory):
+    """Transform outputs of 300 taxi rows, shared by the tests below."""
+    out = str(tmp_path_factory.mktemp("transform"))
+    _, artifacts = run_transform(out)
+    return artifacts
+
+
+def trainer_channels() -> tuple:
+    examples, schema = channels()
+    transform = Transform(examples=examples, schema=schema, module_file=TAXI_MODULE)
+    return transform.outputs.transformed_examples, transform.outputs.transform_graph, schema
+
+
+def run_trainer(out_dir: str, transformed: dict[str, Artifact], resolved: dict | None = None, **params):
+    examples, graph, _ = trainer_channels()
+    params = {"module_file": TAXI_MODULE, "train_steps": 20, "eval_steps": 5, **params}
+    trainer = Trainer(examples=examples, transform_graph=graph, **params)
+
+    def make_inputs(p):
+        committed = {
+            "examples": p | "CommittedExamples" >> beam.Create([transformed["transformed_examples"]]),
+            "transform_graph": p | "CommittedGraph" >> beam.Create([transformed["transform_graph"]]),
+        }
+        return {"examples": {}, "transform_graph": committed["transform_graph"]}, committed
+
+    static = {"examples": {"splits": ["train", "eval"], "payload_format": "tfrecord_gzip"}, "transform_graph": {}}
+    return run_component(trainer, make_inputs, static, out_dir, resolved=resolved)
+
+
+def raw_requests(tmp_dir: str, rows: int = 40) -> tuple[dict[str, np.ndarray], list[bytes]]:
+    """The same raw rows as serving_default inputs (missing → NaN / -1 / "") and as tf.Examples."""
+    import tensorflow as tf
+
+    batches, _ = taxi_batches(tmp_dir)
+    batch = batches["eval"].slice(0, rows)
+    dense: dict[str, np.ndarray] = {}
+    examples = [tf.train.Example() for _ in range(rows)]
+    for name in batch.schema.names:
+        if name == "tips":
+            continue
+        values = batch.column(name).to_pylist()
+        kind = batch.schema.field(name).type.value_type
+        if kind == "int64":
+            dense[name] = np.array([v[0] if v else -1 for v in values], np.int64)
+        elif kind == "float":
+            dense[name] = np.array([v[0] if v else np.nan for v in values], np.float32)
+        else:
+            dense[name] = np.array([v[0] if v else b"" for v in values], object)
+        for example, v in zip(examples, values):
+            if not v:
+                continue
+            feature = example.features.feature[name]
+            if kind == "int64":
+                feature.int64_list.value.append(v[0])
+            elif kind == "float":
+                feature.float_list.value.append(v[0])
+            else:
+                feature.bytes_list.value.append(v[0])
+    return dense, [e.SerializeToString() for e in examples]
+
+
+def model_weights(serving_dir: str) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(os.path.join(serving_dir, "variables", "variables"))
+    return {
+        k: reader.get_tensor(k)
+        for k in reader.get_variable_to_shape_map()
+        if k.startswith("layer_with_weights-") and k.endswith("VARIABLE_VALUE")
+    }
+
+
+def test_trainer_exports_servable_model(tmp_path, transformed):
+    import tensorflow as tf
+
+    artifacts = run_trainer(str(tmp_path), transformed)
+    serving_dir = os.path.join(artifacts["model"].uri, SERVING_DIR)
+    assert glob.glob(os.path.join(artifacts["model_run"].uri, "train", "events.out.tfevents.*"))
+    assert artifacts["model_run"].properties["num_replicas"] == 1
+
+    model = tf.saved_model.load(serving_dir)
+    assert set(model.signatures) == {"serving_default", "from_examples", "transform_features"}
+    serving = model.signatures["serving_default"]
+    specs = serving.structured_input_signature[1]
+    assert "tips" not in specs and len(specs) == 17
+    assert {n: s.dtype.name for n, s in specs.items() if n in ("fare", "trip_start_hour", "company")} == {
+        "fare": "float32", "trip_start_hour": "int64", "company": "string"
+    }
+    assert all(s.shape.as_list() == [None] for s in specs.values())
+
+    dense, serialized = raw_requests(str(tmp_path))
+    assert np.isnan(dense["pickup_latitude"]).any(), "the sample should exercise missing values"
+    scores = serving(**{k: tf.constant(v) for k, v in dense.items()})["scores"].numpy()
+    assert scores.shape == (40, 1) and ((scores >= 0) & (scores <= 1)).all()
+    from_examples = model.signatures["from_examples"](examples=tf.constant(serialized))["scores"].numpy()
+    np.testing.assert_allclose(scores, from_examples, rtol=1e-5)
+
+    features = model.signatures["transform_features"](examples=tf.constant(serialized))
+    assert "tips_xf" in features and features["fare_xf"].shape == (40, 1)
+
+
+def test_warm_start_starts_from_the_latest_model(tmp_path, transformed):
+    base = run_trainer(str(tmp_path / "base"), transformed)["model"]
+    base.id = 7
+
+    class Store:
+        def latest_artifacts(self, type_name, pipeline_name, properties=None):
+            calls.append((type_name, pipeline_name, properties))
+            return [base]
+
+    calls: list = []
+    examples, graph, _ = trainer_channels()
+    trainer = Trainer(examples=examples, transform_graph=graph, module_file=TAXI_MODULE, warm_start=True)
+    resolved = trainer.resolve(Store(), "taxi")
+    assert calls == [(MODEL.name, "taxi", {"producer_component": "Trainer"})]
+    assert resolved == {"warm_start_model": base}
+    assert trainer.external_fingerprint()
+
+    # With a zero learning rate the warm-started weights must come out exactly as they went in.
+    frozen = {"learning_rate": 0.0}
+    warm = run_trainer(str(tmp_path / "warm"), transformed, resolved, warm_start=True, hyperparameters=frozen)
+    assert warm["model"].properties["warm_started_from"] == os.path.join(base.uri, SERVING_DIR)
+    cold = run_trainer(str(tmp_path / "cold"), transformed, hyperparameters=frozen)
+    base_w = model_weights(os.path.join(base.uri, SERVING_DIR))
+    warm_w = model_weights(os.path.join(warm["model"].uri, SERVING_DIR))
+    cold_w = model_weights(os.path.join(cold["model"].uri, SERVING_DIR))
+    assert base_w.keys() == warm_w.keys() and len(base_w) > 5
+    for k in base_w:
+        np.testing.assert_array_equal(base_w[k], warm_w[k])
+    assert any(not np.array_equal(base_w[k], cold_w[k]) for k in base_w)
+
+
+def test_no_warm_start_without_previous_model():
+    class Store:
+        def latest_artifacts(self, type_name, pipeline_name, properties=None):
+            return []
+
+    examples, graph, _ = trainer_channels()
+    trainer = Trainer(examples=examples, transform_graph=graph, module_file=TAXI_MODULE, warm_start=True)
+    assert trainer.resolve(Store(), "taxi") == {}
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, transformed):
+    artifacts = run_trainer(str(tmp_path), transformed, strategy="mirrored", cpu_devices=2)
+    properties = artifacts["model_run"].properties
+    assert (properties["strategy"], properties["num_replicas"]) == ("mirrored", 2)
+    assert os.path.exists(os.path.join(artifacts["model"].uri, SERVING_DIR, "saved_model.pb"))
+
+
+def test_module_without_run_fn(tmp_path):
+    module = write_module(str(tmp_path), "def preprocessing_fn(inputs):\n    return inputs\n")
+    examples, graph, _ = trainer_channels()
+    with pytest.raises(UserModuleError, match=r"user_module\.py does not define a function run_fn"):
+        Trainer(examples=examples, transform_graph=graph, module_file=module)
+
+
+def test_run_fn_raising_names_module_and_error(tmp_path, transformed):
+    module = write_module(str(tmp_path), "def run_fn(fn_args):\n    raise KeyError('hidden_units')\n")
+    with pytest.raises(UserModuleError, match=r"run_fn in .*user_module\.py raised KeyError: 'hidden_units'"):
+        run_trainer(str(tmp_path), transformed, module_file=module)
+
+
+def test_run_fn_that_exports_nothing(tmp_path, transformed):
+    module = write_module(str(tmp_path), "def run_fn(fn_args):\n    pass\n")
+    with pytest.raises(UserModuleError, match="returned without exporting a SavedModel"):
+        run_trainer(str(tmp_path), transformed, module_file=module)
+
+
+def test_unmaterialized_examples_rejected_at_compile_time():
+    examples, graph, _ = trainer_channels()
+    trainer = Trainer(examples=examples, transform_graph=graph, module_file=TAXI_MODULE)
+    with pytest.raises(PipelineDefinitionError, match="materialize"):
+        trainer.static_outputs({"examples": {"splits": ["train", "eval"], "payload_format": None}})
+
+
+@pytest.mark.parametrize(
+    "strategy, cpu_devices, message",
+    [("tpu", None, "expected one of"), ("default", 2, "only meaningful"), ("mirrored", 0, "positive integer")],
+)
+def test_bad_strategy_configuration(strategy, cpu_devices, message):
+    with pytest.raises(PipelineDefinitionError, match=message):
+        training.validate(strategy, cpu_devices)
+
+
+def test_fn_args_dataset_yields_transformed_batches(transformed):
+    from transforms._fn_args import FnArgs
+
+    examples = transformed["transformed_examples"]
+    fn_args = FnArgs(
+        train_files=[os.path.join(examples.split_uri("train"), "*.gz")],
+        eval_files=[],
+        transform_output=transformed["transform_graph"].uri,
+        serving_model_dir="",
+        model_run_dir="",
+        train_steps=1,
+        eval_steps=1,
+        schema=schema_pb2.Schema(),
+    )
+    features, label = next(iter(fn_args.make_dataset(fn_args.train_files, 8, "tips_xf")))
+    assert label.shape == (8, 1) and "tips_xf" not in features
+    assert math.isfinite(float(features["fare_xf"].numpy().sum()))
