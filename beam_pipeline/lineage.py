@@ -67,18 +67,23 @@ class LineageGraph:
                 label = f"{n['type']} #{n['id']}\\n{n['name']}"
                 fill = ROOT_COLOR if n["id"] == self.artifact_id else ARTIFACT_COLOR
                 graph.add_node(
-                    pydot.Node(_quote(n["node"]), label=_quote(label), shape="note", style="filled", fillcolor=fill)
+                    pydot.Node(_dot_id(n["node"]), label=_quote(label), shape="note", style="filled", fillcolor=fill)
                 )
             else:
-                label = f"{n['name']} #{n['id']}\\n{n['type']} · {n['state']}"
+                kind = "" if n["type"] == n["name"] else f"{n['type']} · "
+                label = f"{n['name']} #{n['id']}\\n{kind}{n['state']}"
                 fill = STATE_COLORS.get(n["state"], "#eeeeee")
                 graph.add_node(
                     pydot.Node(
-                        _quote(n["node"]), label=_quote(label), shape="box", style="rounded,filled", fillcolor=fill
+                        _dot_id(n["node"]),
+                        label=_quote(label),
+                        shape="box",
+                        style=_quote("rounded,filled"),
+                        fillcolor=fill,
                     )
                 )
         for e in self.edges:
-            graph.add_edge(pydot.Edge(_quote(e["source"]), _quote(e["target"]), label=_quote(e["name"])))
+            graph.add_edge(pydot.Edge(_dot_id(e["source"]), _dot_id(e["target"]), label=_quote(e["name"])))
         return graph
 
     def render(self, path: str) -> str:
@@ -91,6 +96,12 @@ class LineageGraph:
         with open(path, "wb") as f:
             f.write(data)
         return path
+
+
+def _dot_id(node: str) -> str:
+    """`artifact:3` -> `a3`: pydot would read the colon as a port separator."""
+    kind, number = node.split(":")
+    return f"{kind[0]}{number}"
 
 
 def _quote(text: str) -> str:

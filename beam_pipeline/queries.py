@@ -133,7 +133,7 @@ def get_artifact(store: MetadataStore, artifact_id: int, type_name: str | None =
         raise MetadataError(f"no artifact with id {artifact_id} in {store.uri}")
     artifact = found[0]
     if type_name and artifact.type.name != type_name:
-        raise MetadataError(f"artifact {artifact_id} is a {artifact.type.name}, not a {type_name}")
+        raise MetadataError(f"artifact {artifact_id} is of type {artifact.type.name}, not {type_name}")
     return artifact
 
 
@@ -215,7 +215,8 @@ def run_executions(store: MetadataStore | str, pipeline_name: str, run_id: str) 
     return pd.DataFrame(rows, columns=None if rows else list(EXECUTION_COLUMNS))
 
 
-def _run_state(states: list[str]) -> str:
+def run_state(states: list[str]) -> str:
+    """A run's state from its executions': any failure fails it; all cached means nothing ran."""
     if "FAILED" in states:
         return "FAILED"
     if any(s in ("RUNNING", "NEW", "UNKNOWN") for s in states):
@@ -243,7 +244,7 @@ def runs(store: MetadataStore | str, pipeline_name: str | None = None) -> pd.Dat
             {
                 "pipeline": owner,
                 "run_id": ctx.name[len(owner) + 1 :],
-                "state": _run_state(states),
+                "state": run_state(states),
                 "start": _timestamp(start),
                 "end": _timestamp(end),
                 "duration_s": max(0.0, (end - start) / 1000) if start and end else None,
@@ -290,10 +291,14 @@ def consumers(store: MetadataStore, artifact_id: int, input_name: str | None = N
 
 
 def upstream(store: MetadataStore, artifact_id: int) -> tuple[list[mlmd_pb2.Execution], list[Artifact]]:
-    """Every execution and artifact the artifact was derived from, nearest first (breadth-first)."""
+    """Every execution and artifact the artifact was derived from, nearest first (breadth-first).
+
+    Model inputs met on the way (a warm-start model, an evaluation baseline) are listed but not
+    followed: their own lineage describes another model, not how this one was made.
+    """
     seen_artifacts, seen_executions = {artifact_id}, set()
     executions_found: list[mlmd_pb2.Execution] = []
-    artifact_order: list[int] = []
+    artifacts_found: list[Artifact] = []
     frontier = [artifact_id]
     while frontier:
         events = store.mlmd.get_events_by_artifact_ids(frontier)
@@ -306,11 +311,12 @@ def upstream(store: MetadataStore, artifact_id: int) -> tuple[list[mlmd_pb2.Exec
         originals = [e for e in found if e.last_known_state != mlmd_pb2.Execution.CACHED] or found
         executions_found.extend(sorted(originals, key=lambda e: e.id))
         read = store.mlmd.get_events_by_execution_ids([e.id for e in originals])
-        frontier = sorted({ev.artifact_id for ev in read if ev.type == mlmd_pb2.Event.INPUT} - seen_artifacts)
-        seen_artifacts.update(frontier)
-        artifact_order.extend(frontier)
-    by_id = {a.id: a for a in store.get_artifacts(artifact_order)} if artifact_order else {}
-    return executions_found, [by_id[i] for i in artifact_order if i in by_id]
+        new_ids = sorted({ev.artifact_id for ev in read if ev.type == mlmd_pb2.Event.INPUT} - seen_artifacts)
+        seen_artifacts.update(new_ids)
+        new_artifacts = store.get_artifacts(new_ids) if new_ids else []
+        artifacts_found.extend(sorted(new_artifacts, key=lambda a: a.id or 0))
+        frontier = [a.id for a in new_artifacts if a.type.name != MODEL.name]
+    return executions_found, artifacts_found
 
 
 def _outputs_of(store: MetadataStore, execution_id: int) -> dict[str, Artifact]:
@@ -621,11 +627,17 @@ def metrics_frame(eval_result: Any, slice_column: str | None = None) -> pd.DataF
             f"the evaluation has no slices by {slice_column!r}; sliced columns are {sorted(columns_seen) or 'none'}"
         )
     frame = pd.DataFrame(rows)
-    if slice_column is not None:
-        frame = frame.sort_values("slice_value", key=lambda s: s.map(_sortable)).reset_index(drop=True)
-    else:
-        frame = frame.sort_values("slice", key=lambda s: s.map(lambda v: (v != OVERALL, v))).reset_index(drop=True)
-    return frame
+    frame["slice_value"] = pd.Series([r["slice_value"] for r in rows], dtype=object)
+    order = sorted(
+        range(len(rows)),
+        key=lambda i: (rows[i]["slice"] != OVERALL, _slice_order(rows[i]["slice"], rows[i]["slice_value"])),
+    )
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def _slice_order(name: str, value: Any) -> tuple:
+    column = name.split("=", 1)[0]
+    return (column, *_sortable(value))
 
 
 def _sortable(value: Any) -> tuple:
@@ -725,11 +737,11 @@ def _by_component(executions_found: list[mlmd_pb2.Execution]) -> dict[str, mlmd_
 
 def _data_diff(lhs: list[Artifact], rhs: list[Artifact]) -> pd.DataFrame:
     def keyed(artifacts: list[Artifact]) -> dict[str, Artifact]:
-        return {
-            f"{a.properties.get('producer_component', '?')}:{a.type.name}": a
-            for a in artifacts
-            if a.type.name == EXAMPLES.name
-        }
+        nearest: dict[str, Artifact] = {}
+        for a in artifacts:
+            if a.type.name == EXAMPLES.name:
+                nearest.setdefault(str(a.properties.get("producer_component", "?")), a)
+        return nearest
 
     left, right = keyed(lhs), keyed(rhs)
     rows = []
@@ -739,7 +751,7 @@ def _data_diff(lhs: list[Artifact], rhs: list[Artifact]) -> pd.DataFrame:
         fb = b.properties.get("fingerprint") if b else None
         rows.append(
             {
-                "examples": key.split(":")[0],
+                "examples": key,
                 "lhs_id": a.id if a else None,
                 "rhs_id": b.id if b else None,
                 "lhs_fingerprint": fa,

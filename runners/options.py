@@ -50,7 +50,9 @@ def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout_s: floa
 def local_portable_services() -> Iterator[list[str]]:
     """Start Beam's local job service and an SDK worker pool (separate processes); yield runner args."""
     job_port, pool_port = _free_port(), _free_port()
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+    # The worker pool starts SDK harnesses as plain `python`: make that this interpreter (e.g. the venv's).
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", PATH=path)
     procs = []
     try:
         pool = subprocess.Popen(

@@ -9,6 +9,7 @@ pushed copy of the model.
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import os
@@ -17,11 +18,11 @@ import textwrap
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2  # noqa: E402
+from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline import launcher  # noqa: E402
-from beam_pipeline.artifacts import MODEL, MODEL_BLESSING, MODEL_EVALUATION, MODEL_RUN, PUSHED_MODEL, Artifact  # noqa: E402
-from beam_pipeline.metadata import MetadataStore  # noqa: E402
+from beam_pipeline import launcher
+from beam_pipeline.artifacts import MODEL, MODEL_BLESSING, MODEL_EVALUATION, MODEL_RUN, PUSHED_MODEL, Artifact
+from beam_pipeline.metadata import MetadataStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAXI_CSV = os.path.join(ROOT, "examples", "chicago_taxi", "data", "data.csv")
@@ -305,3 +306,9 @@ def build_model_store(base: str) -> dict:
         "b": ids_b,
         "module_paths": [os.path.join(work_a, "taxi_trainer.py"), os.path.join(work_b, "taxi_trainer.py")],
     }
+
+
+@functools.cache
+def shared_model_store(base: str) -> dict:
+    """build_model_store once per test session, however many test modules ask for it."""
+    return build_model_store(base)

@@ -26,6 +26,7 @@ from transforms import evaluator as ev
 from transforms.pusher import Pusher
 
 LABEL = "label_xf"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = 240
 
 
@@ -264,7 +265,7 @@ def test_model_worse_than_baseline_is_not_blessed_and_not_pushed(models, tmp_pat
     assert accuracy["change"] < 0 and accuracy["baseline_value"] > accuracy["value"]
     assert accuracy["threshold"]["changeThreshold"]["direction"] == "HIGHER_IS_BETTER"
     text = _read(os.path.join(ctx.output_uris["blessing"], ev.NOT_BLESSED_FILE))
-    assert "binary_accuracy on slice Overall" in text and "vs baseline" in text
+    assert "binary_accuracy on slice Overall: 0.025 vs baseline 1 (change -0.975); required change >= 0\n" in text
     assert "trip_start_hour:1" in text
 
     pushed = _committed(tmp_path, "Pusher", "pushed_model")
@@ -295,7 +296,8 @@ def test_next_day_csv_and_value_threshold_failure_names_metric_and_slice(models,
     overall = next(r for r in report["reasons"] if r["slice"] == "Overall")
     assert overall["metric"] == "binary_accuracy" and overall["value"] < 0.7
     assert overall["threshold"] == {"valueThreshold": {"lowerBound": 0.7}}
-    assert "value must be >= 0.7" in overall["message"]
+    assert overall["message"].startswith("binary_accuracy on slice Overall: ")
+    assert overall["message"].endswith("; required >= 0.7")
     assert _committed(tmp_path, "Evaluator", "evaluation") == {"evaluated_on": str(csv)}
 
 
@@ -375,7 +377,9 @@ def test_resolve_finds_the_model_of_the_latest_blessing():
             Artifact(MODEL_BLESSING, "/b/x", {"producer_component": "Other", "blessed": 1, "model_uri": "/m/3"}, id=7),
         ]
     )
+    no_baseline = evaluator.external_fingerprint()
     assert evaluator.resolve(store, "p") == {"baseline_model": Artifact(MODEL, "/m/2", {}, id=2)}
+    assert evaluator.external_fingerprint() != no_baseline  # a new baseline means a new evaluation
     assert ev.Evaluator(
         examples=src.outputs.examples, model=src.outputs.model, eval_config=_config()
     ).resolve(_FakeStore([]), "p") == {}
@@ -423,3 +427,66 @@ def test_serialized_examples_leave_missing_values_absent():
     assert first.features.feature["x"].WhichOneof("kind") is None
     assert first.features.feature["label"].int64_list.value == [0]
     assert second.features.feature["x"].float_list.value[0] == pytest.approx(batch.column(0)[1].as_py()[0])
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_taxi_pipeline_blesses_pushes_then_compares_with_its_baseline(tmp_path, taxi_small_csv):
+    from tests.helpers import run_components
+    from transforms.example_gen import ExampleGen
+    from transforms.schema_gen import SchemaGen
+    from transforms.statistics_gen import StatisticsGen
+    from transforms.trainer import Trainer
+    from transforms.transform import Transform
+
+    module = os.path.join(ROOT, "examples", "chicago_taxi", "taxi_utils.py")
+    serving = tmp_path / "serving"
+    config = ev.binary_classification_eval_config(
+        "tips_xf",  # taxi_utils.LABEL_KEY, the transformed label
+        slice_features=["trip_start_hour"],
+        lower_bounds={"binary_accuracy": 0.5},
+        max_regression={"auc": 0.0},
+    )
+
+    def components() -> list[Component]:
+        """A fresh pipeline definition (a PTransform is bound to the Beam graph it was applied to)."""
+        gen = ExampleGen(input_base=taxi_small_csv)
+        stats = StatisticsGen(examples=gen.outputs.examples)
+        schema = SchemaGen(statistics=stats.outputs.statistics)
+        transform = Transform(examples=gen.outputs.examples, schema=schema.outputs.schema, module_file=module)
+        trainer = Trainer(
+            examples=transform.outputs.transformed_examples,
+            transform_graph=transform.outputs.transform_graph,
+            module_file=module,
+            train_steps=30,
+            eval_steps=5,
+        )
+        evaluator = ev.Evaluator(examples=gen.outputs.examples, model=trainer.outputs.model, eval_config=config)
+        pusher = Pusher(
+            model=trainer.outputs.model, blessing=evaluator.outputs.blessing, serving_model_dir=str(serving)
+        )
+        return [gen, stats, schema, transform, trainer, evaluator, pusher]
+
+    first = run_components(tmp_path / "root", components(), name="taxi")
+    model = first.artifact("Trainer", "model")
+    blessing = first.artifact("Evaluator", "blessing")
+    assert blessing.properties["blessed"] == 1, blessing.properties["blessing_message"]
+    assert blessing.properties["model_uri"] == model.uri
+    evaluation = tfma.load_eval_result(first.artifact("Evaluator", "evaluation").uri)
+    overall = dict(evaluation.slicing_metrics)[()][""][""]
+    assert overall["example_count"]["doubleValue"] == first.artifact("ExampleGen", "examples").properties[
+        "row_counts"
+    ]["eval"]
+    assert len(evaluation.slicing_metrics) > 10  # overall + one slice per trip_start_hour seen
+    pushed = first.artifact("Pusher", "pushed_model").properties
+    assert (pushed["pushed"], pushed["pushed_version"]) == (1, 1)
+    assert os.path.exists(os.path.join(pushed["pushed_destination"], "saved_model.pb"))
+
+    # Second run: the cached model is compared with itself as the blessed baseline; no new version.
+    second = run_components(tmp_path / "root", components(), name="taxi")
+    assert second.components["Trainer"].state == "CACHED"
+    blessing = second.artifact("Evaluator", "blessing").properties
+    assert blessing["blessed"] == 1 and blessing["baseline_model_uri"] == model.uri
+    pushed = second.artifact("Pusher", "pushed_model").properties
+    assert (pushed["pushed"], pushed["pushed_version"]) == (1, 1)
+    assert os.listdir(serving) == ["1"]

@@ -5,24 +5,21 @@ from __future__ import annotations
 import glob
 import math
 import os
-import sys
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pytest
 from tensorflow_metadata.proto.v0 import schema_pb2
-from test_transform import TAXI_MODULE, channels, run_component, run_transform, taxi_batches, write_module
 
 from beam_pipeline.artifacts import MODEL, Artifact
 from beam_pipeline.errors import PipelineDefinitionError, UserModuleError
 from runners import training
+from tests.test_transform import TAXI_MODULE, channels, run_component, run_transform, taxi_batches, write_module
 from transforms.trainer import SERVING_DIR, Trainer
 from transforms.transform import Transform
-
-RAW_DTYPES = {"float32": np.float32, "int64": np.int64, "string": object}
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +52,12 @@ def run_trainer(out_dir: str, transformed: dict[str, Artifact], resolved: dict |
     return run_component(trainer, make_inputs, static, out_dir, resolved=resolved)
 
 
-def raw_requests(tmp_dir: str, rows: int = 40) -> tuple[dict[str, np.ndarray], list[bytes]]:
+def raw_requests(batch: pa.RecordBatch) -> tuple[dict[str, np.ndarray], list[bytes]]:
     """The same raw rows as serving_default inputs (missing → NaN / -1 / "") and as tf.Examples."""
     import tensorflow as tf
 
-    batches, _ = taxi_batches(tmp_dir)
-    batch = batches["eval"].slice(0, rows)
     dense: dict[str, np.ndarray] = {}
-    examples = [tf.train.Example() for _ in range(rows)]
+    examples = [tf.train.Example() for _ in range(batch.num_rows)]
     for name in batch.schema.names:
         if name == "tips":
             continue
@@ -74,7 +69,7 @@ def raw_requests(tmp_dir: str, rows: int = 40) -> tuple[dict[str, np.ndarray], l
             dense[name] = np.array([v[0] if v else np.nan for v in values], np.float32)
         else:
             dense[name] = np.array([v[0] if v else b"" for v in values], object)
-        for example, v in zip(examples, values):
+        for example, v in zip(examples, values, strict=True):
             if not v:
                 continue
             feature = example.features.feature[name]
@@ -116,7 +111,7 @@ def test_trainer_exports_servable_model(tmp_path, transformed):
     }
     assert all(s.shape.as_list() == [None] for s in specs.values())
 
-    dense, serialized = raw_requests(str(tmp_path))
+    dense, serialized = raw_requests(taxi_batches(str(tmp_path))[0]["train"].slice(0, 40))
     assert np.isnan(dense["pickup_latitude"]).any(), "the sample should exercise missing values"
     scores = serving(**{k: tf.constant(v) for k, v in dense.items()})["scores"].numpy()
     assert scores.shape == (40, 1) and ((scores >= 0) & (scores <= 1)).all()
@@ -227,3 +222,63 @@ def test_fn_args_dataset_yields_transformed_batches(transformed):
     features, label = next(iter(fn_args.make_dataset(fn_args.train_files, 8, "tips_xf")))
     assert label.shape == (8, 1) and "tips_xf" not in features
     assert math.isfinite(float(features["fare_xf"].numpy().sum()))
+
+
+def served_auc(serving_dir: str, batches: list[pa.RecordBatch]) -> float:
+    """ROC AUC of serving_default's scores on raw rows; labels computed from fare and tips in float32."""
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(serving_dir).signatures["serving_default"]
+    auc = tf.keras.metrics.AUC(num_thresholds=2000)
+    for batch in batches:
+        dense, _ = raw_requests(batch)
+        scores = serve(**{k: tf.constant(v) for k, v in dense.items()})["scores"]
+        fare = np.array([v[0] if v else np.nan for v in batch.column("fare").to_pylist()], np.float32)
+        tips = np.array([v[0] if v else 0 for v in batch.column("tips").to_pylist()], np.float32)
+        labels = (~np.isnan(fare)) & (tips > np.float32(0.2) * np.nan_to_num(fare))
+        auc.update_state(labels.astype(np.float32)[:, None], scores)
+    return float(auc.result())
+
+
+TAXI_DEMO_STEPS = 1000
+
+
+@pytest.mark.slow
+def test_taxi_pipeline_trains_a_good_model_and_warm_starts(tmp_path, taxi_csv):
+    """ExampleGen → StatisticsGen → SchemaGen → Transform → Trainer on the full sample, then warm start."""
+    from beam_pipeline import artifact_io
+    from tests.helpers import run_components
+    from transforms.example_gen import ExampleGen
+    from transforms.schema_gen import SchemaGen
+    from transforms.statistics_gen import StatisticsGen
+
+    def components(**trainer_params):
+        gen = ExampleGen(input_base=taxi_csv)
+        stats = StatisticsGen(examples=gen.outputs.examples)
+        schema = SchemaGen(statistics=stats.outputs.statistics)
+        transform = Transform(examples=gen.outputs.examples, schema=schema.outputs.schema, module_file=TAXI_MODULE)
+        trainer = Trainer(
+            examples=transform.outputs.transformed_examples,
+            transform_graph=transform.outputs.transform_graph,
+            schema=schema.outputs.schema,
+            module_file=TAXI_MODULE,
+            **trainer_params,
+        )
+        return [gen, stats, schema, transform, trainer]
+
+    first = run_components(tmp_path, components(train_steps=TAXI_DEMO_STEPS, eval_steps=50), name="taxi")
+    model = first.artifact("Trainer", "model")
+    examples = first.artifact("ExampleGen", "examples")
+    eval_rows = artifact_io.read_parquet_batches(artifact_io.join(examples.split_uri("eval"), "*.parquet"))
+    auc = served_auc(os.path.join(model.uri, SERVING_DIR), eval_rows)
+    print(f"taxi eval AUC after {TAXI_DEMO_STEPS} steps: {auc:.4f}")
+    assert auc >= 0.85
+
+    second = run_components(
+        tmp_path, components(train_steps=100, eval_steps=50, warm_start=True), name="taxi"
+    )
+    assert second.components["Transform"].state == "CACHED"
+    warm = second.artifact("Trainer", "model")
+    assert warm.uri != model.uri
+    assert warm.properties["warm_started_from"] == os.path.join(model.uri, SERVING_DIR)
+    assert served_auc(os.path.join(warm.uri, SERVING_DIR), eval_rows) >= 0.85

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import os
 import textwrap
 from collections.abc import Callable
@@ -152,7 +153,7 @@ def read_transformed(artifact: Artifact, split: str, feature_spec: dict) -> dict
 def expected_labels(rows: int = 300) -> int:
     """Number of rows among the first `rows` whose tip exceeds 20% of a known fare (in float32, as TF)."""
     with open(TAXI_CSV) as f:
-        sample = [r for _, r in zip(range(rows), csv.DictReader(f))]
+        sample = list(itertools.islice(csv.DictReader(f), rows))
     f32 = np.float32
     return sum(1 for r in sample if r["fare"] and f32(r["tips"] or 0) > f32(0.2) * f32(r["fare"]))
 

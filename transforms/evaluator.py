@@ -91,7 +91,7 @@ def binary_classification_eval_config(
                 change.absolute.value = tolerance
             else:
                 change.direction = tfma.MetricDirection.HIGHER_IS_BETTER
-                change.absolute.value = -tolerance
+                change.absolute.value = 0.0 - tolerance  # not -0.0, which reads oddly in reasons
     return tfma.EvalConfig(
         model_specs=[
             tfma.ModelSpec(
@@ -187,6 +187,7 @@ class Evaluator(Component):
         )
         self.eval_config = config
         self._files: list[str] | None = None
+        self._baseline_fingerprint: str | None = None  # set by resolve(), which runs before the cache lookup
 
     # -- compile time --------------------------------------------------------------------------------
     @property
@@ -206,9 +207,11 @@ class Evaluator(Component):
         return self._files
 
     def external_fingerprint(self) -> str:
-        if not self.params["data_path"]:
-            return ""
-        return json.dumps({path: caching.file_fingerprint(path) for path in self.data_files()}, sort_keys=True)
+        """Next-day data files and the resolved baseline decide the outputs without being channel inputs."""
+        facts: dict[str, Any] = {"baseline": self._baseline_fingerprint}
+        if self.params["data_path"]:
+            facts["data"] = {path: caching.file_fingerprint(path) for path in self.data_files()}
+        return json.dumps(facts, sort_keys=True)
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         examples = input_static.get("examples", {})
@@ -224,6 +227,7 @@ class Evaluator(Component):
 
     def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
         """The baseline: the model of this Evaluator's latest blessing (only needed for change thresholds)."""
+        self._baseline_fingerprint = None
         if not self.has_change_thresholds:
             return {}
         blessings = store.latest_artifacts(
@@ -234,6 +238,7 @@ class Evaluator(Component):
         model_uri = blessings[0].properties.get("model_uri")
         for model in store.latest_artifacts(MODEL.name, pipeline_name):
             if model.uri == model_uri:
+                self._baseline_fingerprint = str(model.properties.get("fingerprint", model.uri))
                 return {"baseline_model": model}
         raise MetadataError(
             f"{self.id}: blessing {blessings[0].uri} names model {model_uri!r}, which ML Metadata does not list "
@@ -423,7 +428,7 @@ def _describe_threshold(threshold: tfma.MetricThreshold) -> str:
             parts.append(f">= {bounds.lower_bound.value:g}")
         if bounds.HasField("upper_bound"):
             parts.append(f"<= {bounds.upper_bound.value:g}")
-        return "value must be " + " and ".join(parts)
+        return "required " + " and ".join(parts)
     change = threshold.change_threshold
     op = "<=" if change.direction == tfma.MetricDirection.LOWER_IS_BETTER else ">="
     parts = []
@@ -431,7 +436,7 @@ def _describe_threshold(threshold: tfma.MetricThreshold) -> str:
         parts.append(f"change {op} {change.absolute.value:g}")
     if change.HasField("relative"):
         parts.append(f"relative change {op} {change.relative.value:g}")
-    return "vs baseline: " + " and ".join(parts)
+    return "required " + " and ".join(parts)
 
 
 def _metric_values(evaluation_uri: str) -> dict[tuple[bytes, bytes], float]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import artifact_io
-from beam_pipeline.artifacts import EXAMPLES, MODEL, MODEL_RUN, SCHEMA, TRANSFORM_GRAPH, Artifact, ArtifactType
+from beam_pipeline.artifacts import EXAMPLES, MODEL, MODEL_RUN, SCHEMA, TRANSFORM_GRAPH, Artifact
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import BeamPipelineError, InputDataError, PipelineDefinitionError, UserModuleError
 from runners import training
@@ -52,12 +52,12 @@ class Trainer(Component):
     strategy; `cpu_devices` splits the CPU into that many logical devices for "mirrored".
     """
 
-    INPUTS: ClassVar[Mapping[str, InputSpec]] = {
+    INPUTS = {
         "examples": InputSpec(EXAMPLES),
         "transform_graph": InputSpec(TRANSFORM_GRAPH),
         "schema": InputSpec(SCHEMA, optional=True),
     }
-    OUTPUTS: ClassVar[Mapping[str, ArtifactType]] = {"model": MODEL, "model_run": MODEL_RUN}
+    OUTPUTS = {"model": MODEL, "model_run": MODEL_RUN}
 
     def __init__(
         self,

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from beam_pipeline.artifacts import EXAMPLES, SCHEMA, TRANSFORM_GRAPH, ArtifactType
+from beam_pipeline.artifacts import EXAMPLES, SCHEMA, TRANSFORM_GRAPH
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import (
     BeamPipelineError,
@@ -47,7 +47,8 @@ def schema_from_arrow(arrow_schema: pa.Schema) -> schema_pb2.Schema:
     """Every column as a VarLen feature: what TFX gives for features that may be missing."""
     schema = schema_pb2.Schema()
     for field in arrow_schema:
-        value_type = field.type.value_type if pa.types.is_large_list(field.type) or pa.types.is_list(field.type) else None
+        is_list = pa.types.is_large_list(field.type) or pa.types.is_list(field.type)
+        value_type = field.type.value_type if is_list else None
         if value_type not in _ARROW_TO_FEATURE_TYPE:
             raise InputDataError(
                 f"column {field.name!r} has Arrow type {field.type}; expected a list of int64, float32 or binary"
@@ -143,8 +144,8 @@ class Transform(Component):
     when `materialize` is set, gzip TFRecords of tf.train.Example under `<uri>/Split-<split>/`.
     """
 
-    INPUTS: ClassVar[Mapping[str, InputSpec]] = {"examples": InputSpec(EXAMPLES), "schema": InputSpec(SCHEMA)}
-    OUTPUTS: ClassVar[Mapping[str, ArtifactType]] = {"transform_graph": TRANSFORM_GRAPH, "transformed_examples": EXAMPLES}
+    INPUTS = {"examples": InputSpec(EXAMPLES), "schema": InputSpec(SCHEMA)}
+    OUTPUTS = {"transform_graph": TRANSFORM_GRAPH, "transformed_examples": EXAMPLES}
 
     def __init__(
         self,
@@ -181,7 +182,9 @@ class Transform(Component):
         transform = self.params["transform_splits"] or list(available)
         unknown = sorted(set(analyze) - set(available)) + sorted(set(transform) - set(available))
         if unknown:
-            raise PipelineDefinitionError(f"{self.id}: splits {unknown} are not in the examples' splits {list(available)}")
+            raise PipelineDefinitionError(
+                f"{self.id}: splits {unknown} are not in the examples' splits {list(available)}"
+            )
         return list(analyze), list(transform)
 
     def _input_schema(self, input_static: Mapping[str, Mapping[str, Any]]) -> schema_pb2.Schema:

@@ -57,6 +57,10 @@ class Batcher:
         self.timeout_s = timeout_s
         self._queues: dict[Hashable, _Queue] = {}
 
+    def queued_rows(self) -> int:
+        """Rows waiting for a model call (not counting the batches being run)."""
+        return sum(queue.rows for queue in self._queues.values())
+
     async def run(self, servable: Servable, signature: str, inputs: Mapping[str, np.ndarray], rows: int) -> Outputs:
         """Run `inputs` (all with `rows` rows along dimension 0) as part of a batch; return its own rows."""
         if rows == 0 or rows > self.max_batch_size:

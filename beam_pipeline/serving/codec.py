@@ -19,6 +19,7 @@ from tensorflow.core.example import example_pb2, feature_pb2
 from beam_pipeline.serving.errors import BadRequestError
 from beam_pipeline.serving.models import SignatureInfo, TensorInfo
 
+_ALL_GOOD = object()  # what `next(bad values, ...)` returns when every value is fine (null can be a bad value)
 _JSON_NUMPY_KINDS = frozenset("biuf")  # numpy kinds orjson serializes natively
 # The value types of tf.train.Feature lists.
 _BYTES, _INT64, _FLOAT = TensorInfo(tf.string, None), TensorInfo(tf.int64, None), TensorInfo(tf.float32, None)
@@ -73,21 +74,21 @@ def _scalars(field: str, flat: list[Any], info: TensorInfo) -> np.ndarray:
                 raise BadRequestError(f'{field!r}: expected strings (or {{"b64": ...}}), got {_describe(v)}')
         return out
     if kind == "bool":
-        bad = next((v for v in flat if type(v) is not bool), None)
-        if bad is not None:
+        bad = next((v for v in flat if type(v) is not bool), _ALL_GOOD)
+        if bad is not _ALL_GOOD:
             raise BadRequestError(f"{field!r}: expected booleans, got {_describe(bad)}")
         return np.array(flat, dtype=np.bool_)
     if kind == "float":
-        bad = next((v for v in flat if type(v) is not float and type(v) is not int), None)
-        if bad is not None:
+        bad = next((v for v in flat if type(v) is not float and type(v) is not int), _ALL_GOOD)
+        if bad is not _ALL_GOOD:
             raise BadRequestError(f"{field!r}: expected {info.dtype.name} numbers, got {_describe(bad)}")
-        return np.array(flat, dtype=info.dtype.as_numpy_dtype)
+        return np.array(flat, dtype=info.numpy_dtype)
     if kind == "int":
         low, high = info.bounds
-        bad = next((v for v in flat if type(v) is not int or not low <= v <= high), None)
-        if bad is not None:
+        bad = next((v for v in flat if type(v) is not int or not low <= v <= high), _ALL_GOOD)
+        if bad is not _ALL_GOOD:
             raise BadRequestError(f"{field!r}: expected {info.dtype.name} integers, got {_describe(bad)}")
-        return np.array(flat, dtype=info.dtype.as_numpy_dtype)
+        return np.array(flat, dtype=info.numpy_dtype)
     raise BadRequestError(f"{field!r}: inputs of dtype {info.dtype.name} cannot be sent as JSON")
 
 

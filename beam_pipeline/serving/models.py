@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import os
 import re
@@ -51,6 +52,7 @@ class TensorInfo:
     dtype: tf.DType
     shape: tuple[int | None, ...] | None
     kind: str = dataclasses.field(init=False)
+    numpy_dtype: np.dtype = dataclasses.field(init=False)
     bounds: tuple[int, int] | None = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +68,7 @@ class TensorInfo:
         else:
             kind = "other"
         object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "numpy_dtype", np.dtype(object if kind == "string" else dtype.as_numpy_dtype))
         object.__setattr__(self, "bounds", (int(dtype.min), int(dtype.max)) if kind == "int" else None)
 
     @classmethod
@@ -73,7 +76,7 @@ class TensorInfo:
         shape = None if spec.shape.rank is None else tuple(spec.shape.as_list())
         return cls(spec.dtype, shape)
 
-    @property
+    @functools.cached_property
     def batched(self) -> bool:
         """True when dimension 0 is a free batch dimension, so requests can be concatenated along it."""
         return self.shape is not None and len(self.shape) >= 1 and self.shape[0] is None
@@ -85,7 +88,7 @@ class SignatureInfo:
     inputs: dict[str, TensorInfo]
     outputs: dict[str, TensorInfo]
 
-    @property
+    @functools.cached_property
     def batched(self) -> bool:
         return bool(self.inputs) and all(t.batched for t in self.inputs.values())
 
@@ -170,7 +173,7 @@ def load_servable(name: str, version: int, path: str) -> Servable:
         if not meta_graphs:
             raise ModelLoadError(f"{path}: no MetaGraph tagged 'serve'")
         model = tf.saved_model.load(path, tags=["serve"])
-    except (OSError, ValueError, DecodeError, tf.errors.OpError) as e:
+    except (OSError, ValueError, LookupError, DecodeError, tf.errors.OpError) as e:
         raise ModelLoadError(f"{path}: {type(e).__name__}: {e}") from e
     return Servable(name, version, path, model, dict(model.signatures), meta_graphs[0].signature_def)
 
@@ -191,7 +194,7 @@ class ModelManager:
         version_labels: Mapping[str, int] | None = None,
         loader: Any = load_servable,
     ):
-        if not MODEL_NAME_RE.match(model_name):
+        if not MODEL_NAME_RE.fullmatch(model_name):
             raise ValueError(f"model name {model_name!r} must match {MODEL_NAME_RE.pattern}")
         if num_versions < 1:
             raise ValueError(f"num_versions must be >= 1, got {num_versions}")
@@ -267,7 +270,7 @@ class ModelManager:
         found: dict[int, str] = {}
         with os.scandir(self.base_path) as entries:
             for entry in entries:
-                if not VERSION_RE.match(entry.name) or not entry.is_dir():
+                if not VERSION_RE.fullmatch(entry.name) or not entry.is_dir():
                     continue
                 if os.path.isfile(os.path.join(entry.path, SAVED_MODEL_FILE)):
                     found[int(entry.name)] = entry.path

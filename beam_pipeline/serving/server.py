@@ -141,9 +141,9 @@ class ModelServer:
     def _target(self, params: Mapping[str, str]) -> tuple[int | None, str | None]:
         """Validate the model name, version and label of a URL; return (version, label) to acquire."""
         model_name, version, label = params["model_name"], params.get("version"), params.get("label")
-        if not MODEL_NAME_RE.match(model_name):
+        if not MODEL_NAME_RE.fullmatch(model_name):
             raise BadRequestError(f"invalid model name {model_name[:40]!r}: must match {MODEL_NAME_RE.pattern}")
-        if label is not None and not LABEL_RE.match(label):
+        if label is not None and not LABEL_RE.fullmatch(label):
             raise BadRequestError(f"invalid version label {label[:40]!r}: must match {LABEL_RE.pattern}")
         parsed = parse_version(version) if version is not None else None
         if model_name != self.config.model_name:
@@ -266,12 +266,14 @@ def create_app(model_base_path: str, model_name: str, **options: Any) -> Starlet
     """
     server = ModelServer(ServerConfig(model_base_path, model_name, **options))
     table: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str, str | None]] = []
-    for suffix in ("", "/versions/{version}", "/labels/{label}"):
-        base = "/v1/models/{model_name}" + suffix
-        table.append((base, "GET", server.status, "Model version status", None))
-        table.append((f"{base}/metadata", "GET", server.metadata, "Signature metadata", None))
-        for verb in ("predict", "classify", "regress"):
-            table.append((f"{base}:{verb}", "POST", getattr(server, verb), f"{verb.capitalize()} request", verb))
+    bases = [f"/v1/models/{{model_name}}{suffix}" for suffix in ("", "/versions/{version}", "/labels/{label}")]
+    # Inference routes first: Starlette tries routes in order and these are the hot ones.
+    for verb in ("predict", "classify", "regress"):
+        table += [
+            (f"{base}:{verb}", "POST", getattr(server, verb), f"{verb.capitalize()} request", verb) for base in bases
+        ]
+    table += [(base, "GET", server.status, "Model version status", None) for base in bases]
+    table += [(f"{base}/metadata", "GET", server.metadata, "Signature metadata", None) for base in bases]
     schema = _openapi([(path, method, summary, body) for path, method, _, summary, body in table])
 
     async def openapi(_request: Request) -> Response:

@@ -233,7 +233,9 @@ def run_fn(fn_args: Any) -> None:
     model = _build_model(hp)
     if fn_args.base_model:
         model.load_weights(os.path.join(fn_args.base_model, "variables", "variables")).expect_partial()
-    tensorboard = tf.keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq=max(1, fn_args.train_steps // 20))
+    tensorboard = tf.keras.callbacks.TensorBoard(
+        log_dir=fn_args.model_run_dir, update_freq=max(1, fn_args.train_steps // 20)
+    )
     model.fit(
         train,
         steps_per_epoch=fn_args.train_steps,

@@ -1,0 +1,128 @@
+"""The server over real HTTP: the `beam-pipeline serve` command, and uvicorn under concurrent clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from beam_pipeline.serving.server import create_app
+from beam_pipeline.serving.testing import expected_score
+from tests.serving.conftest import ROW, V1_BIAS, V2_BIAS
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, what: str, proc: subprocess.Popen | None = None) -> None:
+    for _ in range(1200):  # a bound on a wait, not a timing assertion
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode} before {what}")
+        try:
+            if condition():
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def test_serve_command(base_path, push, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "server.log", "w+")
+    cmd = [
+        sys.executable,
+        "-m",
+        "beam_pipeline",
+        "serve",
+        "--model_base_path",
+        base_path,
+        "--model_name",
+        "taxi",
+        "--port",
+        str(port),
+        "--poll_interval_s",
+        "0.2",
+        "--model_version_labels",
+        "stable=1",
+    ]
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/v1/models/taxi"
+    try:
+        with httpx.Client(timeout=30) as client:
+            wait_for(lambda: client.get(url).status_code == 200, "the server is up", proc)
+            r = client.post(f"{url}:predict", json={"instances": [ROW]})
+            assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V1_BIAS), rel=1e-6)
+
+            push(base_path, 2)
+            wait_for(lambda: client.get(f"{url}/versions/2").status_code == 200, "version 2 is loaded", proc)
+            r = client.post(f"{url}:predict", json={"instances": [ROW]})
+            assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V2_BIAS), rel=1e-6)
+            r = client.post(f"{url}/labels/stable:predict", json={"instances": [ROW]})
+            assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V1_BIAS), rel=1e-6)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        returncode = proc.wait(timeout=60)
+        log.seek(0)
+        output = log.read()
+    assert returncode == 0, output
+
+
+def test_bad_flags_are_usage_errors(tmp_path):
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "beam_pipeline", "serve", "--model_base_path", str(tmp_path)]
+    for extra, word in (
+        (["--model_version_labels", "stable"], "LABEL=VERSION"),
+        (["--model_name", "../x"], "model name"),
+    ):
+        r = subprocess.run(cmd + extra, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert r.returncode == 2 and word in r.stderr, r.stderr
+
+
+def test_concurrent_clients_each_get_their_own_rows(base_path):
+    app = create_app(base_path, "taxi", poll_interval_s=0, max_batch_size=32)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    rows = [
+        {"trip_miles": float(i), "trip_seconds": i, "payment_type": "Cash" if i % 2 else "Card"} for i in range(200)
+    ]
+
+    async def drive() -> list[float]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=60) as client:
+
+            async def one(row: dict) -> float:
+                r = await client.post("/v1/models/taxi:predict", json={"instances": [row]})
+                return r.json()["predictions"][0][0]
+
+            return await asyncio.gather(*(one(row) for row in rows))
+
+    try:
+        wait_for(lambda: server.started, "uvicorn started")
+        results = asyncio.run(drive())
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+    expected = [expected_score(r["trip_miles"], r["payment_type"], V1_BIAS) for r in rows]
+    assert results == pytest.approx(expected, rel=1e-6)

@@ -1,0 +1,162 @@
+"""The taxi data half end to end: one read of the raw file, ML Metadata lineage, halting, runners."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
+from tensorflow_metadata.proto.v0 import statistics_pb2
+
+from beam_pipeline import Pipeline, artifact_io, launcher
+from beam_pipeline.errors import AnomaliesFoundError
+from tests.helpers import executions_by_state, store_at
+from transforms import _example_io
+from transforms.example_gen import ExampleGen
+from transforms.example_validator import ExampleValidator
+from transforms.schema_gen import ImportSchemaGen, SchemaGen
+from transforms.statistics_gen import StatisticsGen
+
+
+def data_half(path: str, root, halt: bool = False, schema_file: str | None = None, **gen_args) -> Pipeline:
+    gen = ExampleGen(input_base=path, **gen_args)
+    stats = StatisticsGen(examples=gen.outputs.examples)
+    schema = (
+        ImportSchemaGen(schema_file=schema_file) if schema_file else SchemaGen(statistics=stats.outputs.statistics)
+    )
+    validator = ExampleValidator(
+        statistics=stats.outputs.statistics,
+        schema=schema.outputs.schema,
+        drift_comparators={"payment_type": 0.1},
+        halt_on_anomalies=halt,
+    )
+    return Pipeline("taxi", str(root), [gen, stats, schema, validator])
+
+
+def _read_stats(artifact, split) -> statistics_pb2.DatasetFeatureStatisticsList:
+    return artifact_io.read_proto(
+        artifact_io.split_file(artifact.uri, split, artifact_io.STATS_FILE), statistics_pb2.DatasetFeatureStatisticsList
+    )
+
+
+def test_graph_reads_raw_data_once_and_passes_batches_in_graph(tmp_path, taxi_small_csv):
+    compiled = launcher.compile_run(data_half(taxi_small_csv, tmp_path))
+    top = compiled.beam_pipeline.transforms_stack[0]
+    assert [t.full_label for t in top.parts][:4] == ["ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator"]
+    # Exactly one source of data in the graph: ExampleGen's read. No component reloads an artifact.
+    applied = []
+
+    def walk(node):
+        applied.append(node.full_label)
+        for part in node.parts:
+            walk(part)
+
+    walk(top)
+    assert sum(label.endswith("/ReadSplitWrite") for label in applied) == 1
+    assert not [label for label in applied if ".Load" in label or "ReadParquet" in label]
+    # StatisticsGen consumes the PCollection ExampleGen produced (not a file it would re-read).
+    stats_node = next(n for n in top.parts if n.full_label == "StatisticsGen")
+    producers = {pc.producer.full_label for pc in stats_node.main_inputs.values()}
+    assert producers == {"ExampleGen/ReadSplitWrite/ParDo(_ReadSplitWrite)"}
+
+
+def test_raw_file_bytes_are_read_once_at_run_time(tmp_path, taxi_small_csv, monkeypatch):
+    reads = []
+    original = _example_io._read_block
+
+    def counting(path, start, end):
+        reads.append((path, start, end))
+        return original(path, start, end)
+
+    monkeypatch.setattr(_example_io, "_read_block", counting)
+    pipeline = data_half(taxi_small_csv, tmp_path, block_size_bytes=64 << 10)
+    ranges = _example_io.byte_ranges(taxi_small_csv, 64 << 10)
+    reads.clear()  # compile-time type sampling is not a read of the data
+    launcher.run(pipeline)
+    data_reads = [r for r in reads if r[2] - r[1] == (64 << 10) or r in ranges]
+    assert sorted(data_reads) == sorted(ranges)
+
+
+@pytest.mark.slow
+def test_taxi_data_half_records_executions_artifacts_and_lineage(tmp_path, taxi_csv):
+    result = launcher.run(data_half(taxi_csv, tmp_path))
+    store = store_at(tmp_path)
+    assert executions_by_state(store) == {
+        "COMPLETE": ["ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator"]
+    }
+    examples = result.artifact("ExampleGen", "examples")
+    assert examples.properties["split_names"] == ["train", "eval"]
+    assert sum(examples.properties["row_counts"].values()) == 15002
+    assert 0.62 < examples.properties["row_counts"]["train"] / 15002 < 0.71
+    assert len(examples.properties["fingerprint"]) == 32
+    stats = _read_stats(result.artifact("StatisticsGen", "statistics"), "train")
+    assert stats.datasets[0].name == "train"
+    assert stats.datasets[0].num_examples == examples.properties["row_counts"]["train"]
+
+    # Types, contexts and events: walk lineage from the anomalies back to the examples and forward again.
+    mlmd = store.mlmd
+    types = {t.name for t in mlmd.get_artifact_types()}
+    assert {"Examples", "ExampleStatistics", "Schema", "ExampleAnomalies"} <= types
+    contexts = {c.name for c in mlmd.get_contexts()}
+    assert {"taxi", f"taxi.{result.run_id}"} <= contexts
+    anomalies_id = result.artifact("ExampleValidator", "anomalies").id
+    [producer_event] = [
+        e for e in mlmd.get_events_by_artifact_ids([anomalies_id]) if e.type == mlmd_pb2.Event.OUTPUT
+    ]
+    inputs = [e for e in mlmd.get_events_by_execution_ids([producer_event.execution_id]) if e.type == mlmd_pb2.Event.INPUT]
+    assert {e.path.steps[0].key for e in inputs} == {"statistics", "schema"}
+    stats_id = result.artifact("StatisticsGen", "statistics").id
+    consumers = {e.execution_id for e in mlmd.get_events_by_artifact_ids([stats_id]) if e.type == mlmd_pb2.Event.INPUT}
+    consumer_types = {mlmd.get_executions_by_id([i])[0].properties["component_id"].string_value for i in consumers}
+    assert consumer_types == {"SchemaGen", "ExampleValidator"}
+    [gen_exec] = [e for e in mlmd.get_executions() if e.properties["component_id"].string_value == "ExampleGen"]
+    assert gen_exec.custom_properties["end_time_ms"].int_value >= gen_exec.custom_properties["start_time_ms"].int_value
+    assert '"splits": {"eval": 1, "train": 2}' in gen_exec.properties["config"].string_value
+
+
+@pytest.mark.slow
+def test_halt_on_anomalies_fails_with_summary_and_publishes_nothing_downstream(tmp_path, taxi_small_csv):
+    # A curated schema that only allows "Cash" as payment type: the data has others.
+    schema_file = tmp_path / "schema.pbtxt"
+    schema_file.write_text(
+        'feature { name: "payment_type" type: BYTES domain: "payment_type" presence { min_count: 1 } }\n'
+        'string_domain { name: "payment_type" value: "Cash" }\n'
+    )
+    pipeline = data_half(taxi_small_csv, tmp_path / "root", halt=True, schema_file=str(schema_file))
+    with pytest.raises(AnomaliesFoundError) as info:
+        launcher.run(pipeline)
+    message = str(info.value)
+    assert "ExampleValidator found" in message and "payment_type: Unexpected string values" in message
+    assert "train/" in message and "eval/" in message
+    store = store_at(tmp_path / "root")
+    states = executions_by_state(store)
+    # The anomalies artifact is committed and published (so the user can look at it); the run failed.
+    assert "ExampleValidator" in states["COMPLETE"]
+    anomalies = store.latest_artifacts("ExampleAnomalies", "taxi")
+    assert anomalies and anomalies[0].properties["anomaly_count"] >= 2
+
+
+@pytest.mark.slow
+def test_portable_runner_gives_the_same_statistics(tmp_path, taxi_small_csv):
+    from runners.options import local_portable_services
+
+    direct = launcher.run(data_half(taxi_small_csv, tmp_path / "direct"), ["--runner=DirectRunner"])
+    with local_portable_services() as args:
+        portable = launcher.run(data_half(taxi_small_csv, tmp_path / "portable"), args)
+    for split in ("train", "eval"):
+        a = _read_stats(direct.artifact("StatisticsGen", "statistics"), split).datasets[0]
+        b = _read_stats(portable.artifact("StatisticsGen", "statistics"), split).datasets[0]
+        assert a.num_examples == b.num_examples
+        fa = {f.path.step[0]: f for f in a.features}
+        fb = {f.path.step[0]: f for f in b.features}
+        assert fa.keys() == fb.keys()
+        for name in fa:
+            if fa[name].HasField("num_stats"):
+                assert fa[name].num_stats.mean == pytest.approx(fb[name].num_stats.mean)
+                assert fa[name].num_stats.common_stats.num_non_missing == fb[name].num_stats.common_stats.num_non_missing
+            else:
+                assert fa[name].string_stats.unique == fb[name].string_stats.unique
+    assert direct.artifact("ExampleGen", "examples").properties["row_counts"] == portable.artifact(
+        "ExampleGen", "examples"
+    ).properties["row_counts"]
+    assert os.path.exists(os.path.join(portable.artifact("SchemaGen", "schema").uri, "schema.pbtxt"))

@@ -1,0 +1,278 @@
+"""Queries, lineage, TensorBoard and diff over ML Metadata, as a Python API and as CLI subcommands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import types
+import urllib.error
+import urllib.request
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import pytest
+from click.testing import CliRunner
+from tensorflow_metadata.proto.v0 import statistics_pb2
+
+from beam_pipeline import lineage, queries
+from beam_pipeline.cli import main
+from beam_pipeline.errors import MetadataError
+from tests import _fixtures_metadata as fm
+
+needs_graphviz = pytest.mark.skipif(
+    shutil.which("dot") is None, reason="graphviz not installed (apt-get install graphviz)"
+)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> dict:
+    return fm.shared_model_store(str(tmp_path_factory.getbasetemp() / "model_store"))
+
+
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+# -- without a store ---------------------------------------------------------------------------------
+def test_flatten_makes_one_column_per_setting():
+    config = {"train_steps": 10, "splits": {"train": 2, "eval": 1}, "hyperparameters": {}, "input_base": ["a"]}
+    assert queries.flatten(config) == {
+        "train_steps": 10,
+        "splits.train": 2,
+        "splits.eval": 1,
+        "hyperparameters": {},
+        "input_base": ["a"],
+    }
+
+
+def _eval_result(slices):
+    return types.SimpleNamespace(slicing_metrics=slices)
+
+
+def _metrics(**values):
+    return {"": {"": {k: {"doubleValue": v} for k, v in values.items()}}}
+
+
+def test_metrics_frame_orders_slices_by_value_and_keeps_overall_first():
+    result = _eval_result(
+        [
+            ((("hour", 10),), _metrics(auc=0.5, example_count=3)),
+            ((), _metrics(auc=0.7, example_count=6)),
+            ((("hour", 2),), _metrics(auc=0.9, example_count=3)),
+            ((("company", "x"),), _metrics(auc=0.1, example_count=6)),
+        ]
+    )
+    by_hour = queries.metrics_frame(result, "hour")
+    assert list(by_hour["slice_value"]) == [2, 10]
+    assert list(by_hour["auc"]) == [0.9, 0.5]
+    everything = queries.metrics_frame(result)
+    assert list(everything["slice"]) == ["Overall", "company=x", "hour=2", "hour=10"]
+    with pytest.raises(MetadataError, match=r"no slices by 'day'; sliced columns are \['company', 'hour'\]"):
+        queries.metrics_frame(result, "day")
+
+
+def test_linf_distance_is_the_largest_change_in_one_values_share():
+    def feature(counts):
+        f = statistics_pb2.FeatureNameStatistics(name="payment_type")
+        for label, count in counts.items():
+            f.string_stats.rank_histogram.buckets.add(label=label, sample_count=count)
+        return f
+
+    assert queries.linf_distance(feature({"cash": 50, "card": 50}), feature({"cash": 80, "card": 20})) == pytest.approx(
+        0.3
+    )
+    assert queries.linf_distance(feature({"cash": 1}), feature({"card": 1})) == pytest.approx(1.0)
+
+
+def test_store_must_be_named_and_must_exist(tmp_path):
+    with pytest.raises(MetadataError, match="--metadata-uri"):
+        queries.store_uri(None, None)
+    missing = tmp_path / "nowhere" / "metadata.sqlite"
+    with pytest.raises(MetadataError, match="no ML Metadata store at"):
+        queries.open_store(str(missing))
+    assert not missing.parent.exists()
+    result = CliRunner().invoke(main, ["runs", "--pipeline-root", str(tmp_path / "nowhere")])
+    assert result.exit_code == 1
+    assert "no ML Metadata store at" in result.output
+
+
+# -- on recorded runs --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_runs_lists_each_run_with_its_state(model_store):
+    table = queries.runs(model_store["store"], "chicago_taxi")
+    assert list(table["run_id"]) == sorted(model_store["runs"], reverse=True)
+    by_run = table.set_index("run_id")
+    a, b, cached = model_store["runs"]
+    assert by_run.loc[a, "state"] == "COMPLETE" and by_run.loc[a, "components"] == 7
+    assert by_run.loc[b, "complete"] == 7
+    assert by_run.loc[cached, "state"] == "CACHED" and by_run.loc[cached, "cached"] == 4
+    assert (table["duration_s"] >= 0).all()
+
+
+@pytest.mark.slow
+def test_executions_of_a_type_flatten_configuration_and_name_artifacts(model_store):
+    table = queries.executions(model_store["store"], "Trainer").set_index("id")
+    a, b = model_store["a"], model_store["b"]
+    assert list(table.loc[[a["trainer_execution"], b["trainer_execution"]], "train_steps"]) == [10, 20]
+    assert not table["warm_start"].any()
+    row = table.loc[a["trainer_execution"]]
+    assert row["state"] == "COMPLETE"
+    assert row["inputs"] == {"examples": [a["examples"]], "schema": [a["schema"]]}
+    assert row["outputs"] == {"model": a["model"], "model_run": a["model_run"]}
+    gens = queries.executions(model_store["store"], "ExampleGen")
+    assert sorted(gens["state"]) == ["CACHED", "COMPLETE", "COMPLETE"]
+    assert set(gens["splits.train"]) == {2}
+    with pytest.raises(MetadataError, match=r"no executions of type 'Trainerr'.*'Trainer'"):
+        queries.executions(model_store["store"], "Trainerr")
+
+
+@pytest.mark.slow
+def test_runs_and_executions_cli_print_table_csv_and_json(model_store):
+    root = model_store["root"]
+    records = json.loads(_cli("runs", "--pipeline-root", root, "--format", "json"))
+    assert {r["run_id"] for r in records} == set(model_store["runs"])
+    csv_text = _cli("executions", "Trainer", "--pipeline-root", root, "--format", "csv")
+    header = csv_text.splitlines()[0].split(",")
+    assert {"id", "state", "duration_s", "train_steps", "warm_start", "inputs", "outputs"} <= set(header)
+    assert len(csv_text.strip().splitlines()) == 3
+    table = CliRunner(env={"BEAM_PIPELINE_METADATA_URI": model_store["store"]}).invoke(main, ["executions", "Trainer"])
+    assert table.exit_code == 0 and "train_steps" in table.output and "COMPLETE" in table.output
+
+
+@pytest.mark.slow
+def test_lineage_counts_hops_and_follows_the_direction(model_store):
+    a = model_store["a"]
+    up = lineage.lineage(model_store["store"], a["model"], num_hops=2, direction="up")
+    nodes = up.nodes_frame().set_index("node")
+    assert set(nodes.index) == {
+        f"artifact:{a['model']}",
+        f"execution:{a['trainer_execution']}",
+        f"artifact:{a['examples']}",
+        f"artifact:{a['schema']}",
+    }
+    assert nodes.loc[f"execution:{a['trainer_execution']}", "state"] == "COMPLETE"
+    assert nodes.loc[f"artifact:{a['examples']}", "hops"] == 2
+    down = lineage.lineage(model_store["store"], a["model"], num_hops=2, direction="down")
+    assert {n["type"] for n in down.nodes if n["kind"] == "artifact"} == {
+        "Model",
+        "ModelEvaluation",
+        "ModelBlessing",
+        "PushedModel",
+    }
+    both = lineage.lineage(model_store["store"], a["model"], num_hops=2, direction="both")
+    assert {n["node"] for n in both.nodes} == {n["node"] for n in up.nodes} | {n["node"] for n in down.nodes}
+    edges = both.edges_frame()
+    assert {"source": f"artifact:{a['examples']}", "target": f"execution:{a['trainer_execution']}",
+            "event": "INPUT", "name": "examples"} in edges.to_dict("records")  # fmt: skip
+    further = lineage.lineage(model_store["store"], a["model"], num_hops=4, direction="up")
+    assert "StatisticsGen" not in set(up.nodes_frame()["type"])
+    assert {"ExampleGen", "SchemaGen", "StatisticsGen"} <= set(further.nodes_frame()["type"])
+    with pytest.raises(MetadataError, match="direction 'sideways'"):
+        lineage.lineage(model_store["store"], a["model"], 2, "sideways")
+
+
+@needs_graphviz
+@pytest.mark.slow
+def test_lineage_renders_png_and_svg_through_graphviz(model_store, tmp_path):
+    model = str(model_store["a"]["model"])
+    png = _cli("lineage", model, "--hops", "3", "--direction", "both", "--out", str(tmp_path / "g.png"),
+               "--pipeline-root", model_store["root"]).strip()  # fmt: skip
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    svg = _cli("lineage", model, "--out", str(tmp_path / "g.svg"), "--pipeline-root", model_store["root"]).strip()
+    text = open(svg).read()
+    assert "<svg" in text and "Trainer" in text and f"Model #{model}" in text
+    as_json = json.loads(
+        _cli("lineage", model, "--hops", "1", "--format", "json", "--pipeline-root", model_store["root"])
+    )
+    assert as_json["direction"] == "both" and len(as_json["nodes"]) == 4  # model, Trainer, Evaluator, Pusher
+
+
+@pytest.mark.slow
+def test_training_data_walks_from_model_to_the_statistics_of_its_examples(model_store):
+    a = model_store["a"]
+    data = queries.training_data(model_store["store"], a["model"])
+    assert data.examples.id == a["examples"]
+    assert data.schema.id == a["schema"]
+    assert set(data.stats) == {"train", "eval"}
+    frame = queries.statistics_frame(data.stats["train"]).set_index("feature")
+    assert frame.loc["fare", "count"] == json.loads(json.dumps(data.examples.properties["row_counts"]))["train"]
+    assert frame.loc["payment_type", "unique"] >= 2
+    with pytest.raises(MetadataError, match="is of type Examples, not Model"):
+        queries.training_data(model_store["store"], a["examples"])
+
+
+@pytest.mark.slow
+def test_model_metrics_slice_by_a_column(model_store):
+    frame = queries.model_metrics(model_store["store"], model_store["a"]["model"], "trip_start_hour")
+    assert {"slice", "slice_value", "example_count", "auc", "binary_accuracy"} <= set(frame.columns)
+    values = list(frame["slice_value"])
+    assert values == sorted(values) and all(isinstance(v, int) for v in values)
+    overall = queries.model_metrics(model_store["store"], model_store["a"]["model"])
+    assert overall.iloc[0]["slice"] == "Overall"
+    assert frame["example_count"].sum() == overall.iloc[0]["example_count"]
+    printed = _cli("model-metrics", str(model_store["a"]["model"]), "--slice", "trip_start_hour", "--format", "csv",
+                   "--pipeline-root", model_store["root"])  # fmt: skip
+    assert printed.splitlines()[0].startswith("slice,slice_value")
+    assert queries.model_outcome(model_store["store"], model_store["a"]["model"])["blessed"] is True
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.status, response.read()
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_one_model_then_two_side_by_side(model_store):
+    a, b = model_store["a"]["model"], model_store["b"]["model"]
+    server = queries.start_tensorboard(model_store["store"], [a])
+    try:
+        assert server.url.startswith("http://127.0.0.1:")
+        status, body = _get(server.url)
+        assert status == 200 and b"<html" in body.lower()
+    finally:
+        server.stop()
+    with pytest.raises(urllib.error.URLError):
+        _get(server.url)
+    server = queries.start_tensorboard(model_store["store"], [a, b])
+    try:
+        status, body = _get(server.url + "data/runs")
+        runs = json.loads(body)
+        assert status == 200
+        assert any(r.startswith(f"model_{a}") for r in runs) and any(r.startswith(f"model_{b}") for r in runs)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_diff_shows_data_code_config_statistics_and_metrics(model_store, tmp_path):
+    a, b = model_store["a"]["model"], model_store["b"]["model"]
+    for path in model_store["module_paths"]:  # the files on disk changed since: the stored copies still tell
+        with open(path, "w") as f:
+            f.write("# rewritten after the runs\n")
+    result = queries.diff(model_store["store"], a, b)
+    data = result.data.set_index("examples").loc["ExampleGen"]
+    assert not data["same"] and data["lhs_fingerprint"] != data["rhs_fingerprint"]
+    assert json.loads(data["lhs_rows"]) != json.loads(data["rhs_rows"])
+    config = {(r.component, r.key): (r.lhs, r.rhs) for r in result.config.itertuples()}
+    assert config[("Trainer", "train_steps")] == ("10", "20")
+    assert ("ExampleGen", "input_base") in config
+    code = result.code["Trainer.module_file"]
+    assert "-    hidden_units = 4" in code and "+    dropout = 0.1" in code and "copy stored in artifact" in code
+    fare = result.statistics[(result.statistics["split"] == "train") & (result.statistics["feature"] == "fare")].iloc[0]
+    assert fare["lhs_mean"] != fare["rhs_mean"] and fare["mean_change_pct"] == pytest.approx(
+        100 * (fare["rhs_mean"] - fare["lhs_mean"]) / abs(fare["lhs_mean"])
+    )
+    payment = result.statistics[result.statistics["feature"] == "payment_type"].iloc[0]
+    assert 0 <= payment["linf"] <= 1
+    assert set(result.metrics["metric"]) >= {"auc", "binary_accuracy", "example_count"}
+    assert list(result.schema.columns) == ["feature", "change", "lhs", "rhs"]
+    as_json = json.loads(_cli("diff", str(a), str(b), "--format", "json", "--pipeline-root", model_store["root"]))
+    assert as_json["lhs"] == a and "Trainer.module_file" in as_json["code"]
+    text = _cli("diff", str(a), str(b), "--pipeline-root", model_store["root"])
+    assert "train_steps" in text and "+    dropout = 0.1" in text
+    same = queries.diff(model_store["store"], a, a)
+    assert same.config.empty and not same.code and same.statistics.empty and bool(same.data["same"].all())

@@ -1,0 +1,107 @@
+"""The static run report and model pages, rendered by headless Chromium the way a person opens them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import pytest
+from click.testing import CliRunner
+
+from beam_pipeline import report
+from beam_pipeline.cli import main
+from tests import _fixtures_metadata as fm
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+needs_graphviz = pytest.mark.skipif(
+    shutil.which("dot") is None, reason="graphviz not installed (apt-get install graphviz)"
+)
+SECTIONS = ("pipeline", "statistics", "schema", "anomalies", "evaluation", "blessing", "push")
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> dict:
+    return fm.shared_model_store(str(tmp_path_factory.getbasetemp() / "model_store"))
+
+
+def chromium(page: str, tmp_path, *, screenshot: str | None = None) -> str:
+    """The DOM Chromium built from `page` (a file on disk, opened with no server and no network)."""
+    args = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,2200",
+    ]  # fmt: skip
+    args.append(f"--screenshot={screenshot}" if screenshot else "--dump-dom")
+    done = subprocess.run([*args, f"file://{os.path.abspath(page)}"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@needs_chromium
+@needs_graphviz
+@pytest.mark.slow
+def test_full_run_report_shows_every_section(model_store, tmp_path):
+    run_a = model_store["runs"][0]
+    path = report.write_run_report(model_store["store"], model_store["pipeline"], run_a, str(tmp_path / "report"))
+    assert path == str(tmp_path / "report" / "index.html")
+    dom = chromium(path, tmp_path)
+    for section in SECTIONS:
+        assert f'id="{section}"' in dom
+    assert "<svg" in dom  # the DAG, inline
+    for component in ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "Trainer", "Evaluator", "Pusher"):
+        assert component in dom
+    assert "COMPLETE" in dom and "not in this run" not in dom
+    assert "Split train" in dom and "Split eval" in dom and "trip_start_hour" in dom
+    assert "payment_type" in dom  # schema table
+    assert "Sliced by trip_start_hour" in dom and "data:image/png;base64," in dom
+    assert "BLESSED" in dom and "PUSHED" in dom
+    assert os.path.join(os.path.dirname(model_store["root"]), "serving") in dom
+    assert "http://" not in dom.split("<body", 1)[1] and "https://" not in dom.split("<body", 1)[1]
+    shot = str(tmp_path / "report.png")
+    chromium(path, tmp_path, screenshot=shot)
+    with open(shot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_cached_data_only_run_says_what_is_not_in_it(model_store, tmp_path):
+    cached_run = model_store["runs"][2]
+    out = CliRunner().invoke(
+        main,
+        ["report", cached_run, "--pipeline", model_store["pipeline"], "--out", str(tmp_path / "r"),
+         "--metadata-uri", model_store["store"]],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    dom = chromium(out.output.strip(), tmp_path)
+    assert "CACHED" in dom and "COMPLETE" not in dom.split('id="statistics"')[0]
+    for absent in ("Evaluation: not in this run", "Blessing: not in this run", "Push: not in this run"):
+        assert absent in dom
+    assert "Split train" in dom  # the cached statistics still show
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_model_pages_render_stats_side_by_side_and_sliced_metrics(model_store, tmp_path):
+    a, b = model_store["a"]["model"], model_store["b"]["model"]
+    runner = CliRunner()
+    stats = runner.invoke(main, ["model-stats", str(a), str(b), "--out", str(tmp_path / "stats.html"),
+                                 "--pipeline-root", model_store["root"]])  # fmt: skip
+    assert stats.exit_code == 0, stats.output
+    dom = chromium(stats.output.strip(), tmp_path)
+    assert f"Training data of models {a} (lhs) vs {b} (rhs)" in dom
+    assert 'id="split-train"' in dom and 'id="split-eval"' in dom
+    assert "lhs mean" in dom and "rhs mean" in dom and "L-inf" in dom
+    one = report.write_model_stats_html(model_store["store"], [a], str(tmp_path / "one.html"))
+    assert "fare" in chromium(one, tmp_path)
+
+    metrics = runner.invoke(main, ["model-metrics", str(a), "--slice", "trip_start_hour", "--out",
+                                   str(tmp_path / "m.html"), "--pipeline-root", model_store["root"]])  # fmt: skip
+    assert metrics.exit_code == 0, metrics.output
+    dom = chromium(metrics.output.strip().splitlines()[-1], tmp_path)
+    assert "Sliced by trip_start_hour" in dom and "trip_start_hour=23" in dom and "data:image/png;base64," in dom
+    assert "blessed" in dom
