@@ -110,11 +110,15 @@ def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, Component
                 if (component.id, out) in needed:
                     cached_value(plan, out)
             continue
-        inputs, committed_inputs, input_static = {}, {}, {}
+        inputs, committed_inputs, input_static, input_uris = {}, {}, {}, {}
         for name, ch in component.inputs.items():
             key = (ch.producer.id, ch.name)
-            if plans[ch.producer.id].cached:
-                cached_value(plans[ch.producer.id], ch.name)
+            producer = plans[ch.producer.id]
+            if producer.cached:
+                cached_value(producer, ch.name)
+                input_uris[name] = producer.cached_outputs[ch.name].uri
+            else:
+                input_uris[name] = producer.output_uris[ch.name]
             inputs[name] = values[key]
             committed_inputs[name] = committed[key]
             input_static[name] = plans[ch.producer.id].static_outputs.get(ch.name, {})
@@ -128,6 +132,7 @@ def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, Component
             output_static=plan.static_outputs,
             resolved=plan.resolved,
             committed_inputs=committed_inputs,
+            input_uris=input_uris,
             commit_factory=_commit_factory(p, component, plan, pipeline.name),
         )
         component.bind(ctx)
@@ -135,6 +140,7 @@ def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, Component
             result = (inputs or p) | component.id >> component
         finally:
             component.bind(None)
+            component.pipeline = None  # Beam pins a transform to its pipeline; a Pipeline may run again
         result = result or {}
         missing = set(component.OUTPUTS) - set(ctx.committed_outputs)
         if missing:

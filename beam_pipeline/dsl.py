@@ -74,6 +74,8 @@ class ComponentContext:
     output_static: dict[str, dict[str, Any]]
     # Previous artifacts the compiler resolved from ML Metadata (baseline model, warm-start model, ...).
     resolved: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Final URI of each input artifact, known when the graph is built (files may not exist yet).
+    input_uris: dict[str, str] = dataclasses.field(default_factory=dict)
     # One-element PCollection[Artifact] per input, emitted once the producer committed that artifact.
     committed_inputs: dict[str, beam.PCollection] = dataclasses.field(default_factory=dict)
     # Set by the compiler: builds the commit step of one output from its properties PCollection.

@@ -235,7 +235,12 @@ def _input_artifacts(component, plans) -> dict[str, list[Artifact]] | None:
 
 
 def _with_resolved(inputs: dict[str, list[Artifact]], plan: ComponentPlan) -> dict[str, list[Artifact]]:
-    extra = {k: [v] for k, v in plan.resolved.items() if isinstance(v, Artifact) and v.id is not None}
+    # A resolved artifact that is also a regular input (e.g. a cached model that is its own
+    # baseline) is linked once: ML Metadata allows one INPUT event per (execution, artifact).
+    linked = {a.id for arts in inputs.values() for a in arts}
+    extra = {
+        k: [v] for k, v in plan.resolved.items() if isinstance(v, Artifact) and v.id is not None and v.id not in linked
+    }
     return {**inputs, **extra}
 
 

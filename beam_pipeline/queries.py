@@ -418,8 +418,8 @@ def _statistics_of(store: MetadataStore, examples: Artifact) -> Artifact | None:
         if e.last_known_state not in (mlmd_pb2.Execution.COMPLETE, mlmd_pb2.Execution.CACHED):
             continue
         inputs, outputs = store.execution_artifacts(e.id)
-        if [a.id for group in inputs.values() for a in group] != [examples.id]:
-            continue  # statistics of several inputs (e.g. a drift comparison) describe no single dataset
+        if [a.id for group in inputs.values() for a in group if a.type.name == EXAMPLES.name] != [examples.id]:
+            continue  # statistics over several datasets describe none of them alone
         for artifact in outputs.values():
             if artifact.type.name == STATISTICS.name:
                 return artifact

@@ -9,7 +9,7 @@ Usage:
     python benchmarks/serving_load.py [--model_base_path DIR] [--duration 10] [--concurrency 1 16 64]
 
 Without --model_base_path the demo model of beam_pipeline.serving.testing is written to a temp dir.
-Results are printed and written as the `## Serving` section of benchmarks/RESULTS.md.
+Results are printed and written as the `## Serving` section of benchmarks/RESULTS.md (only that section).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,9 +43,10 @@ import tensorflow as tf  # noqa: E402
 
 from beam_pipeline.serving.models import load_servable  # noqa: E402
 from beam_pipeline.serving.testing import write_demo_model  # noqa: E402
+from benchmarks.results import PATH as RESULTS_MD  # noqa: E402
+from benchmarks.results import write_section  # noqa: E402
 
-RESULTS_MD = os.path.join(ROOT, "benchmarks", "RESULTS.md")
-SECTION = "## Serving"
+SECTION = "Serving"
 TARGET_P50_MS = 5.0
 TARGET_SPEEDUP = 10.0
 
@@ -124,34 +126,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """`python -m beam_pipeline serve` in a subprocess; stopped with SIGINT like a user's Ctrl-C."""
+# The fastest any uvicorn server can answer on this machine: an ASGI app that reads the body and returns a
+# constant. Its throughput bounds what the model server (or anything else on uvicorn) could reach.
+_NOOP_APP = """
+import sys, uvicorn
 
-    def __init__(self, base_path: str, model_name: str, batching: bool, max_batch_size: int, timeout_ms: float):
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    body = b'{"model_version_status": []}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+
+
+class ServerProcess:
+    """A server in a subprocess on a free loopback port; stopped with SIGINT like a user's Ctrl-C."""
+
+    def __init__(self, args: list[str], model_name: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1/models/{model_name}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "beam_pipeline",
-            "serve",
-            "--model_base_path",
-            base_path,
-            "--model_name",
-            model_name,
-            "--port",
-            str(self.port),
-            "--log_level",
-            "warning",
-            "--max_batch_size",
-            str(max_batch_size),
-            "--batch_timeout_ms",
-            str(timeout_ms),
-            "--enable_batching" if batching else "--no-enable_batching",
-        ]
-        env = {**os.environ, "PYTHONPATH": ROOT}
         self.log = tempfile.TemporaryFile("w+")
+        cmd = [sys.executable, *[a.replace("{port}", str(self.port)) for a in args]]
+        env = {**os.environ, "PYTHONPATH": ROOT}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    @classmethod
+    def model_server(cls, base_path: str, model_name: str, batching: bool, args: argparse.Namespace) -> ServerProcess:
+        """`python -m beam_pipeline serve` with the benchmark's batching settings."""
+        flags = {
+            "--model_base_path": base_path,
+            "--model_name": model_name,
+            "--port": "{port}",
+            "--log_level": "warning",
+            "--max_batch_size": str(args.max_batch_size),
+            "--batch_timeout_ms": str(args.batch_timeout_ms),
+        }
+        cmd = ["-m", "beam_pipeline", "serve", *[x for kv in flags.items() for x in kv]]
+        return cls([*cmd, "--enable_batching" if batching else "--no-enable_batching"], model_name)
 
     def __enter__(self) -> ServerProcess:
         for _ in range(1200):
@@ -167,7 +185,7 @@ class ServerProcess:
         raise SystemExit("server did not come up in 120 s")
 
     def __exit__(self, *_exc: object) -> None:
-        self.proc.send_signal(2)
+        self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -255,8 +273,6 @@ def render(results: list[Result], meta: dict[str, Any]) -> str:
     naive = next(r for r in results if r.mode == "naive loop")
     by_key = {(r.mode, r.concurrency): r for r in results}
     lines = [
-        SECTION,
-        "",
         f"`python benchmarks/serving_load.py` on {meta['date']}: {meta['model']}; load generator {meta['generator']}, "
         f"{meta['duration']:g} s or {meta['max_requests']} requests per run; {meta['cpus']} CPUs, "
         f"load average {meta['load']} before the run (the machine is shared, so numbers vary between runs).",
@@ -290,23 +306,17 @@ def render(results: list[Result], meta: dict[str, Any]) -> str:
                 f"- batching on vs off at concurrency {top}: "
                 f"{batched.throughput / unbatched.throughput:.2f}x throughput."
             )
+    ceiling = by_key.get(("no-op uvicorn app (ceiling)", top))
+    if ceiling is not None:
+        lines.append(
+            f"- a no-op uvicorn app answers {ceiling.throughput:,.0f} req/s at concurrency {top}, "
+            f"{ceiling.throughput / naive.throughput:.1f}x the naive loop: no server on uvicorn can beat that here."
+        )
     lines.append(
         f"- one direct signature call (batch of 1) takes {meta['call_ms']:.2f} ms; "
         f"a batch of 64 takes {meta['call64_ms']:.2f} ms."
     )
     return "\n".join(lines) + "\n"
-
-
-def write_section(section: str, path: str = RESULTS_MD) -> None:
-    """Replace this benchmark's section of RESULTS.md (other sections belong to other benchmarks)."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
 
 
 def call_cost_ms(version_dir: str, body: bytes, rows: int) -> float:
@@ -363,13 +373,16 @@ def main() -> None:
         body = request_body(version_dir)
         results = [naive_loop(version_dir, body, args.duration, args.max_requests)]
         print(f"naive loop: {results[0].throughput:,.0f} req/s, p50 {results[0].p50_ms:.2f} ms", flush=True)
-        for batching in (True, False):
-            mode = "batching on" if batching else "batching off"
-            server = ServerProcess(base_path, args.model_name, batching, args.max_batch_size, args.batch_timeout_ms)
+        servers = [
+            ("batching on", ServerProcess.model_server(base_path, args.model_name, True, args), args.concurrency),
+            ("batching off", ServerProcess.model_server(base_path, args.model_name, False, args), args.concurrency),
+            ("no-op uvicorn app (ceiling)", ServerProcess(["-c", _NOOP_APP, "{port}"], "x"), [max(args.concurrency)]),
+        ]
+        for mode, server, concurrencies in servers:
             with server:
                 url = f"{server.url}:predict"
                 drive(url, body, 4, 2.0, 2000, "warm-up")
-                for concurrency in args.concurrency:
+                for concurrency in concurrencies:
                     r = drive(url, body, concurrency, args.duration, args.max_requests, mode)
                     results.append(r)
                     print(
@@ -388,11 +401,10 @@ def main() -> None:
             "call_ms": call_cost_ms(version_dir, body, 1),
             "call64_ms": call_cost_ms(version_dir, body, 64),
         }
-    section = render(results, meta)
-    print()
-    print(section)
+    body = render(results, meta)
+    print(f"\n## {SECTION}\n\n{body}")
     if args.write:
-        write_section(section)
+        write_section(SECTION, body)
         print(f"wrote the {SECTION!r} section of {RESULTS_MD}")
 
 

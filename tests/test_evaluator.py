@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import apache_beam as beam
 import numpy as np
@@ -439,7 +440,8 @@ def test_taxi_pipeline_blesses_pushes_then_compares_with_its_baseline(tmp_path, 
     from transforms.trainer import Trainer
     from transforms.transform import Transform
 
-    module = os.path.join(ROOT, "examples", "chicago_taxi", "taxi_utils.py")
+    module = str(tmp_path / "taxi_utils.py")  # a copy: an edit between the two runs would retrain
+    shutil.copy(os.path.join(ROOT, "examples", "chicago_taxi", "taxi_utils.py"), module)
     serving = tmp_path / "serving"
     config = ev.binary_classification_eval_config(
         "tips_xf",  # taxi_utils.LABEL_KEY, the transformed label

@@ -125,6 +125,18 @@ def test_version_is_one_above_the_highest_existing_version(tmp_path):
     assert pu.existing_versions(str(serving)) == [3, 17, 18]
 
 
+def test_version_taken_by_a_racing_push_moves_to_the_next_number(tmp_path, monkeypatch):
+    serving = tmp_path / "serving"
+    (serving / "1").mkdir(parents=True)
+    (serving / "1" / "saved_model.pb").write_bytes(b"the other push")
+    listings = iter([[], [1]])  # the first listing is taken before the other push landed
+    monkeypatch.setattr(pu, "existing_versions", lambda _: next(listings))
+    model = _model(tmp_path)
+    assert pu.push_model(os.path.join(model.uri, pu.SERVING_MODEL_DIR), str(serving))[0] == 2
+    assert (serving / "1" / "saved_model.pb").read_bytes() == b"the other push"
+    assert sorted(os.listdir(serving)) == ["1", "2"]
+
+
 def test_not_blessed_model_is_not_pushed(tmp_path, caplog):
     serving = tmp_path / "serving"
     model = _model(tmp_path)

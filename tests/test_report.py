@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from beam_pipeline import report
 from beam_pipeline.cli import main
+from beam_pipeline.errors import MetadataError
 from tests import _fixtures_metadata as fm
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -60,7 +61,8 @@ def test_full_run_report_shows_every_section(model_store, tmp_path):
     assert "Sliced by trip_start_hour" in dom and "data:image/png;base64," in dom
     assert "BLESSED" in dom and "PUSHED" in dom
     assert os.path.join(os.path.dirname(model_store["root"]), "serving") in dom
-    assert "http://" not in dom.split("<body", 1)[1] and "https://" not in dom.split("<body", 1)[1]
+    for remote in ('src="http', "src='http", 'href="http', "url(http", "<script"):
+        assert remote not in dom  # nothing fetched from a network: the page works from disk alone
     shot = str(tmp_path / "report.png")
     chromium(path, tmp_path, screenshot=shot)
     with open(shot, "rb") as f:
@@ -78,7 +80,8 @@ def test_cached_data_only_run_says_what_is_not_in_it(model_store, tmp_path):
     )  # fmt: skip
     assert out.exit_code == 0, out.output
     dom = chromium(out.output.strip(), tmp_path)
-    assert "CACHED" in dom and "COMPLETE" not in dom.split('id="statistics"')[0]
+    components = dom.split('id="pipeline"')[1].split('id="statistics"')[0]
+    assert "CACHED" in components and "COMPLETE" not in components
     for absent in ("Evaluation: not in this run", "Blessing: not in this run", "Push: not in this run"):
         assert absent in dom
     assert "Split train" in dom  # the cached statistics still show
@@ -105,3 +108,34 @@ def test_model_pages_render_stats_side_by_side_and_sliced_metrics(model_store, t
     dom = chromium(metrics.output.strip().splitlines()[-1], tmp_path)
     assert "Sliced by trip_start_hour" in dom and "trip_start_hour=23" in dom and "data:image/png;base64," in dom
     assert "blessed" in dom
+
+
+def test_failed_run_report_names_the_failure_and_what_never_ran(tmp_path):
+    """A store written through the API alone (no Beam): one component completed, the next one failed."""
+    from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
+
+    from beam_pipeline.artifacts import EXAMPLES, Artifact
+    from beam_pipeline.metadata import MetadataStore
+
+    store = MetadataStore(str(tmp_path / "metadata.sqlite"))
+    contexts = store.run_contexts("p", "r1")
+    gen = store.start_execution(
+        "ExampleGen", "ExampleGen", pipeline_name="p", run_id="r1", config={"splits": {"train": 1}}, cache_key="",
+        contexts=contexts,
+    )  # fmt: skip
+    examples = Artifact(EXAMPLES, str(tmp_path / "examples"), {"split_names": ["train"], "row_counts": {"train": 3}})
+    store.finish_execution(gen, state=mlmd_pb2.Execution.COMPLETE, inputs={}, outputs={"examples": examples},
+                           contexts=contexts)  # fmt: skip
+    stats = store.start_execution("StatisticsGen", "StatisticsGen", pipeline_name="p", run_id="r1", config={},
+                                  cache_key="", contexts=contexts)  # fmt: skip
+    store.finish_execution(stats, state=mlmd_pb2.Execution.FAILED, inputs={}, outputs={}, contexts=contexts,
+                           error="InputDataError: column 'fare' is not a number")  # fmt: skip
+    path = report.write_run_report(store, "p", "r1", str(tmp_path / "report"))
+    html = open(path).read()
+    assert 'class="state state-FAILED">FAILED' in html
+    assert "column &#39;fare&#39; is not a number" in html
+    assert "examples #" in html
+    for absent in ("Statistics", "Schema", "Anomalies", "Evaluation", "Blessing", "Push"):
+        assert f"{absent}: not in this run." in html
+    with pytest.raises(MetadataError, match="no run 'r2' of pipeline 'p'"):
+        report.write_run_report(store, "p", "r2", str(tmp_path / "other"))

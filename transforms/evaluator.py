@@ -4,14 +4,16 @@ The RecordBatches already in the graph are fed to TFMA's Arrow path. Each batch 
 `__raw_record__` of serialized tf.train.Example (tfx_bsl's encoder) because the model contract's
 `from_examples` and `transform_features` signatures take serialized examples; the raw columns stay
 as features for slicing. TFMA never loads a model while the graph is built: the model type is set
-explicitly and the SavedModel path `<model uri>/Format-Serving` is known at compile time; the
-stage that feeds TFMA waits on the committed Model artifact as a side input, so evaluation cannot
-start before training has finished.
+explicitly and the SavedModel path `<model uri>/Format-Serving` comes from the input's final URI
+(`ctx.input_uris`); the stage that feeds TFMA waits on the committed Model artifact as a side
+input, so evaluation cannot start before training has finished.
 
 Validation: value thresholds always apply; change thresholds compare against the baseline, the
 model of this Evaluator's latest blessing (`resolve`). Without a baseline (first run) the change
-thresholds are dropped and the model is judged on its value thresholds alone (TFMA rubber stamp).
-A config without any threshold never blesses, so a forgotten threshold cannot push a model.
+thresholds are dropped and the model is judged on its value thresholds alone; with change
+thresholds only, it is blessed (TFMA's rubber stamp), otherwise no model could ever become the
+first baseline. A config without any threshold never blesses, so a forgotten threshold cannot push
+a model.
 """
 
 from __future__ import annotations
@@ -299,7 +301,7 @@ class Evaluator(Component):
             evaluation_uri=evaluation_uri,
             blessing_uri=ctx.output_uri("blessing"),
             baseline_uri=baseline.uri if baseline else None,
-            has_thresholds=self.has_value_thresholds or (baseline is not None and self.has_change_thresholds),
+            has_thresholds=self.has_value_thresholds or self.has_change_thresholds,
         )
         blessing = files_written | "Bless" >> beam.Map(judge, beam.pvalue.AsSingleton(model_committed))
         ctx.publish("blessing", blessing)
@@ -318,8 +320,7 @@ class Evaluator(Component):
             return splits[split], f"split {split}"
         arrow_schema = self.ctx.input_static["examples"]["arrow_schema"]
         units = []
-        for path in self.data_files():
-            _check_columns(path, arrow_schema)
+        for path in self.data_files():  # their columns were checked by static_outputs
             if path.endswith(".parquet"):
                 units.extend(io_.parquet_row_groups(path))
             else:

@@ -90,11 +90,13 @@ def push_model(model_dir: str, serving_model_dir: str) -> tuple[int, str]:
             version = max(existing_versions(serving_model_dir), default=0) + 1
             destination = os.path.join(serving_model_dir, str(version))
             try:
-                # os.rename would silently replace an empty directory that a racing push just created.
-                os.mkdir(destination)
-            except FileExistsError:
-                continue
-            os.rename(temp, destination)
+                # Fails when a racing push took this number (its directory is not empty); no reserving
+                # mkdir, which would show the server an empty version directory.
+                os.rename(temp, destination)
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    continue
+                raise
             return version, destination
         raise PipelineDefinitionError(
             f"serving_model_dir {serving_model_dir!r}: no free version after {_MAX_RENAME_ATTEMPTS} attempts"

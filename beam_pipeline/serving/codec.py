@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,9 +26,13 @@ _JSON_NUMPY_KINDS = frozenset("biuf")  # numpy kinds orjson serializes natively
 _BYTES, _INT64, _FLOAT = TensorInfo(tf.string, None), TensorInfo(tf.int64, None), TensorInfo(tf.float32, None)
 
 
+_REPR = reprlib.Repr()  # short reprs of bad values, however large the value is
+_REPR.maxstring = _REPR.maxother = 40
+_REPR.maxlist = _REPR.maxdict = 4
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+    return f"{type(value).__name__} {_REPR.repr(value)}"
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The REST app: TF Serving's URLs and JSON on Starlette, served by uvicorn.
 
 Starlette rather than FastAPI because on a small model the web framework is most of the cost of a
-request: FastAPI's per-request machinery halved throughput in benchmarks/serving_load.py. The OpenAPI
-document FastAPI would generate is written out from the same route table and served at /openapi.json.
+request: on the 2-core development machine a bare FastAPI route served half the requests per second of
+the same Starlette route. The OpenAPI document FastAPI would have generated is built from the same route
+table instead and served at /openapi.json.
 """
 
 from __future__ import annotations
@@ -55,12 +56,22 @@ class ServerConfig:
     num_versions: int = 1
     version_labels: Mapping[str, int] = dataclasses.field(default_factory=dict)
     model_threads: int = max(2, os.cpu_count() or 2)
+    # Keep Python's full garbage collections (~0.5 s with TensorFlow loaded) out of request handling.
+    freeze_gc: bool = True
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
         if self.model_threads < 1:
             raise ValueError(f"model_threads must be >= 1, got {self.model_threads}")
+
+
+def _examples_input(sig: SignatureInfo) -> str | None:
+    """The input name of a signature that takes a batch of serialized tf.Examples, else None."""
+    if len(sig.inputs) != 1:
+        return None
+    name, info = next(iter(sig.inputs.items()))
+    return name if info.kind == "string" and info.shape is not None and len(info.shape) == 1 else None
 
 
 def _json(payload: Any, status_code: int = 200) -> Response:
@@ -105,6 +116,7 @@ class ModelServer:
             config.model_name,
             num_versions=config.num_versions,
             version_labels=config.version_labels,
+            freeze_gc=config.freeze_gc,
         )
         self._executor: ThreadPoolExecutor | None = None
         self.batcher = (
@@ -201,13 +213,14 @@ class ModelServer:
     async def _run_examples(self, servable: Servable, payload: dict[str, Any]) -> tuple[dict, int]:
         default = EXAMPLES_SIGNATURE if EXAMPLES_SIGNATURE in servable.signatures else DEFAULT_SIGNATURE
         sig = servable.signature(codec.signature_name(payload, default))
-        input_name, info = next(iter(sig.inputs.items()), (None, None))
-        if len(sig.inputs) != 1 or info.kind != "string" or info.shape is None or len(info.shape) != 1:
+        input_name = _examples_input(sig)
+        if input_name is None:
             raise BadRequestError(
                 f"signature {sig.name!r} does not take serialized tf.Examples (one string input of shape [None])"
             )
+        # The raw-feature signature, when there is one, tells each feature's type and which features exist.
         raw = servable.signatures.get(DEFAULT_SIGNATURE)
-        hints = raw.inputs if raw is not None and raw is not sig else None
+        hints = raw.inputs if raw is not None and _examples_input(raw) is None else None
         examples = codec.encode_examples(payload, hints)
         return await self._run(servable, sig, {input_name: examples}), len(examples)
 
@@ -226,27 +239,63 @@ class ModelServer:
             return _json({"results": codec.regression_results(outputs, rows)})
 
 
-def _openapi(routes: list[tuple[str, str, str, str | None]]) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _RouteSpec:
+    path: str
+    method: str
+    handler: Callable[[Request], Awaitable[Response]]
+    operation_id: str
+    summary: str
+    body: str | None = None  # key of _REQUEST_SCHEMAS
+
+
+def _route_table(server: ModelServer) -> list[_RouteSpec]:
+    selectors = [("", "latest"), ("/versions/{version}", "version"), ("/labels/{label}", "label")]
+    table = [
+        # Inference routes first: Starlette tries routes in order and these are the hot ones.
+        _RouteSpec(
+            f"/v1/models/{{model_name}}{suffix}:{verb}",
+            "POST",
+            getattr(server, verb),
+            f"{verb}_{kind}",
+            f"{verb.capitalize()} ({kind} version)",
+            verb,
+        )
+        for verb in ("predict", "classify", "regress")
+        for suffix, kind in selectors
+    ]
+    for suffix, kind in selectors:
+        base = f"/v1/models/{{model_name}}{suffix}"
+        table.append(_RouteSpec(base, "GET", server.status, f"status_{kind}", f"Version status ({kind} version)"))
+        table.append(
+            _RouteSpec(
+                f"{base}/metadata", "GET", server.metadata, f"metadata_{kind}", f"Signature metadata ({kind} version)"
+            )
+        )
+    return table
+
+
+def _openapi(table: list[_RouteSpec]) -> dict[str, Any]:
     """OpenAPI 3.1 description of the routes, for clients and for API fuzzers such as schemathesis."""
     paths: dict[str, dict[str, Any]] = {}
-    for path, method, summary, body in routes:
+    for route in table:
         operation: dict[str, Any] = {
-            "summary": summary,
-            "operationId": f"{summary.split()[0].lower()}_{path.strip('/').replace('/', '_')}".replace(":", "_"),
+            "summary": route.summary,
+            "operationId": route.operation_id,
             "parameters": [
                 {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                 for name in ("model_name", "version", "label")
-                if f"{{{name}}}" in path
+                if f"{{{name}}}" in route.path
             ],
             "responses": {"200": {"description": "success", "content": {"application/json": {"schema": {}}}}}
             | _ERROR_RESPONSES,
         }
-        if body is not None:
+        if route.body is not None:
             operation["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": _REQUEST_SCHEMAS[body]}},
+                "content": {"application/json": {"schema": _REQUEST_SCHEMAS[route.body]}},
             }
-        paths.setdefault(path, {})[method.lower()] = operation
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {
@@ -265,16 +314,8 @@ def create_app(model_base_path: str, model_name: str, **options: Any) -> Starlet
     `app.state.server` is the ModelServer (its `manager` and `batcher` are useful in tests).
     """
     server = ModelServer(ServerConfig(model_base_path, model_name, **options))
-    table: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str, str | None]] = []
-    bases = [f"/v1/models/{{model_name}}{suffix}" for suffix in ("", "/versions/{version}", "/labels/{label}")]
-    # Inference routes first: Starlette tries routes in order and these are the hot ones.
-    for verb in ("predict", "classify", "regress"):
-        table += [
-            (f"{base}:{verb}", "POST", getattr(server, verb), f"{verb.capitalize()} request", verb) for base in bases
-        ]
-    table += [(base, "GET", server.status, "Model version status", None) for base in bases]
-    table += [(f"{base}/metadata", "GET", server.metadata, "Signature metadata", None) for base in bases]
-    schema = _openapi([(path, method, summary, body) for path, method, _, summary, body in table])
+    table = _route_table(server)
+    schema = _openapi(table)
 
     async def openapi(_request: Request) -> Response:
         return _json(schema)
@@ -290,7 +331,7 @@ def create_app(model_base_path: str, model_name: str, **options: Any) -> Starlet
         return _json({"error": f"internal error: {type(exc).__name__}"}, 500)
 
     app = Starlette(
-        routes=[Route(path, handler, methods=[method]) for path, method, handler, _, _ in table]
+        routes=[Route(r.path, r.handler, methods=[r.method]) for r in table]
         + [Route("/openapi.json", openapi, methods=["GET"])],
         exception_handlers={ServingRequestError: request_error, HTTPException: http_error, Exception: internal_error},
         lifespan=server.lifespan,
@@ -309,5 +350,7 @@ def serve(
     **options: Any,
 ) -> None:
     """Serve until interrupted (blocking). `options` are ServerConfig fields."""
+    logging.basicConfig(format="%(levelname)s:     %(name)s: %(message)s")  # a no-op if logging is set up
+    logging.getLogger("beam_pipeline.serving").setLevel(log_level.upper())
     app = create_app(model_base_path, model_name, **options)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

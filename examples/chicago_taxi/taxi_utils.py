@@ -148,13 +148,15 @@ def _build_model(hp: dict[str, Any]) -> tf.keras.Model:
     wide_logit = tf.keras.layers.Dense(1, name="wide_logit")(wide)
     logit = tf.keras.layers.add([wide_logit, deep_logit], name="logit")
     scores = tf.keras.layers.Activation("sigmoid", name="scores")(logit)
-    model = tf.keras.Model(inputs=inputs, outputs=scores)
+    return tf.keras.Model(inputs=inputs, outputs=scores)
+
+
+def _compile(model: tf.keras.Model, hp: dict[str, Any]) -> None:
     model.compile(
         optimizer=tf.keras.optimizers.Adam(learning_rate=hp["learning_rate"]),
         loss=tf.keras.losses.BinaryCrossentropy(),
         metrics=[tf.keras.metrics.AUC(name="auc"), tf.keras.metrics.BinaryAccuracy(name="accuracy")],
     )
-    return model
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -232,7 +234,12 @@ def run_fn(fn_args: Any) -> None:
     evaluation = fn_args.make_dataset(fn_args.eval_files, hp["batch_size"], LABEL_KEY)
     model = _build_model(hp)
     if fn_args.base_model:
-        model.load_weights(os.path.join(fn_args.base_model, "variables", "variables")).expect_partial()
+        # Restored into a never-compiled copy, then copied: loading into `model` itself would also
+        # restore the base run's optimizer (learning rate, step count, moments) once it is compiled.
+        base = _build_model(hp)
+        base.load_weights(os.path.join(fn_args.base_model, "variables", "variables")).expect_partial()
+        model.set_weights(base.get_weights())
+    _compile(model, hp)
     tensorboard = tf.keras.callbacks.TensorBoard(
         log_dir=fn_args.model_run_dir, update_freq=max(1, fn_args.train_steps // 20)
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import weakref
 
 import pytest
 
@@ -165,3 +167,17 @@ def test_trailing_newline_is_not_a_valid_name_or_version():
         parse_version("12\n")
     with pytest.raises(ValueError):
         ModelManager("/nonexistent", "taxi\n")
+
+
+def test_frozen_gc_still_frees_unloaded_versions(base_path, push):
+    manager = ModelManager(base_path, "taxi", freeze_gc=True)
+    try:
+        manager.poll_once()
+        assert gc.get_freeze_count() > 0
+        with manager.acquire() as v1:
+            model = weakref.ref(v1._model)
+        push(base_path, 2)
+        manager.poll_once()  # unloads version 1, then collects before freezing again
+        assert model() is None
+    finally:
+        gc.unfreeze()
