@@ -26,7 +26,13 @@ setup(
         "matplotlib",
         "pydot",
         "pandas",
+        # serving: a TF Serving-compatible REST server
+        "starlette",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "orjson",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "ruff"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "ruff", "hypothesis", "httpx", "httpx2"]},
     entry_points={"console_scripts": ["beam-pipeline=beam_pipeline.cli:main"]},
 )
