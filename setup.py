@@ -8,6 +8,7 @@ setup(
     description="End-to-end ML pipelines (ExampleGen → … → Pusher) compiled into one Beam graph, recorded in ML Metadata",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["beam_pipeline", "beam_pipeline.*", "transforms", "runners"]),
+    package_data={"beam_pipeline": ["templates/*.html.j2"]},
     install_requires=[
         "apache-beam[gcp]>=2.72,<2.73",
         "dill",  # tfx-bsl 1.16 imports it; newer Beam no longer pulls it in

@@ -82,20 +82,39 @@ def run(
 
     try:
         pipeline = load_pipeline(pipeline_file, pipeline_root)
-        with runner_options.runner_args(runner, list(ctx.args)) as beam_args:
-            display = progress.Progress(pipeline)
-            with display:
-                result = launcher.run(
-                    pipeline,
-                    beam_args,
-                    metadata_uri=metadata_uri,
-                    enable_cache=False if no_cache else None,
-                    on_update=display.update,
-                )
+    except BeamPipelineError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    display = progress.Progress(pipeline)
+    try:
+        with runner_options.runner_args(runner, list(ctx.args)) as beam_args, display:
+            result = launcher.run(
+                pipeline,
+                beam_args,
+                metadata_uri=metadata_uri,
+                enable_cache=False if no_cache else None,
+                on_update=display.update,
+            )
     except BeamPipelineError as e:
         click.echo(f"\nerror: {e}", err=True)
+        _write_report(pipeline, metadata_uri, None)
         sys.exit(1)
     display.summary(result)
+    _write_report(pipeline, result.metadata_uri, result.run_id)
+
+
+def _write_report(pipeline: Pipeline, metadata_uri: str | None, run_id: str | None) -> None:
+    """Write the run's static HTML report (also for a failed run, which then shows what failed)."""
+    from beam_pipeline import launcher, queries, report
+
+    uri = metadata_uri or launcher.default_metadata_uri(pipeline)
+    try:
+        run_id = run_id or queries.latest_run_id(uri, pipeline.name)
+        path = report.write_run_report(uri, pipeline.name, run_id, os.path.join(pipeline.root, "reports", run_id))
+    except BeamPipelineError as e:
+        click.echo(f"(no report: {e})", err=True)
+        return
+    click.echo(f"Report: {path}")
 
 
 def _register_optional_commands() -> None:

@@ -71,6 +71,23 @@ class _Commit(beam.DoFn):
         yield Artifact(self._atype, self._uri, props)
 
 
+def _pass(element, _committed):
+    return element
+
+
+def _gate(value: Any, committed: beam.PCollection, label: str) -> Any:
+    """Hold an input back until its producer committed, so a failure never strands upstream work.
+
+    Data still flows in the graph (nothing is re-read); the side input only orders the stages:
+    when a component fails, everything upstream of it is already committed and is reused on resume.
+    """
+    if isinstance(value, dict):
+        return {k: _gate(v, committed, f"{label}.{k}") for k, v in value.items()}
+    if value is committed:
+        return value
+    return value | f"{label}.AfterCommit" >> beam.Map(_pass, beam.pvalue.AsSingleton(committed))
+
+
 def _commit_factory(p: beam.Pipeline, component: Component, plan: ComponentPlan, pipeline_name: str):
     def commit(out: str, properties: beam.PCollection) -> beam.PCollection:
         return (
@@ -119,8 +136,10 @@ def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, Component
                 input_uris[name] = producer.cached_outputs[ch.name].uri
             else:
                 input_uris[name] = producer.output_uris[ch.name]
-            inputs[name] = values[key]
             committed_inputs[name] = committed[key]
+            inputs[name] = (
+                values[key] if producer.cached else _gate(values[key], committed[key], f"{component.id}.{name}")
+            )
             input_static[name] = plans[ch.producer.id].static_outputs.get(ch.name, {})
         ctx = ComponentContext(
             pipeline_name=pipeline.name,

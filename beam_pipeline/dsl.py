@@ -269,7 +269,7 @@ def topological_order(components: Iterable[Component]) -> list[Component]:
         if s == 2:
             return
         if s == 1:
-            cycle = [*path[path.index(c.id):], c.id]
+            cycle = [*path[path.index(c.id) :], c.id]
             raise PipelineDefinitionError(f"cycle between components: {' -> '.join(cycle)}")
         state[id(c)] = 1
         for up in c.upstream:

@@ -80,12 +80,16 @@ def _print_frame(frame: pd.DataFrame, fmt: str, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    rows = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
     table = Table(title=title, show_lines=False)
-    for column in frame.columns:
+    widths = []
+    for i, column in enumerate(frame.columns):
         table.add_column(str(column), overflow="fold")
-    for row in frame.itertuples(index=False):
-        table.add_row(*(_cell(v) for v in row))
-    Console(width=max(120, len(frame.columns) * 14)).print(table)
+        widths.append(max([len(str(column))] + [min(len(r[i]), 60) for r in rows]) + 3)
+    for row in rows:
+        table.add_row(*row)
+    # Wide enough that ids and timestamps stay on one line; long values fold.
+    Console(width=max(120, min(sum(widths) + 1, 400))).print(table)
 
 
 @click.command()

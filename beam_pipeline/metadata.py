@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ml_metadata import errors as mlmd_errors
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
@@ -60,6 +61,14 @@ def connection_config(uri: str) -> mlmd_pb2.ConnectionConfig:
     return config
 
 
+def _put_type(put, type_proto) -> int:
+    """Register a type; a concurrent registration by another run is fine, so try once more."""
+    try:
+        return put(type_proto, can_add_fields=True)
+    except mlmd_errors.AlreadyExistsError:
+        return put(type_proto, can_add_fields=True)
+
+
 def _encode(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
@@ -82,12 +91,20 @@ class MetadataStore:
             self.uri = (
                 config.sqlite.filename_uri or f"mysql://{config.mysql.host}:{config.mysql.port}/{config.mysql.database}"
             )
-        try:
-            self._store = metadata_store.MetadataStore(config)
-        except Exception as e:  # MLMD raises its own error types per backend
-            raise MetadataError(f"cannot open ML Metadata store {self.uri}: {e}") from e
+        self._store = self._open(config)
         self._type_ids: dict[str, int] = {}
         self._lock = threading.RLock()
+
+    def _open(self, config: mlmd_pb2.ConnectionConfig) -> metadata_store.MetadataStore:
+        # Two processes opening an empty MySQL database race to create its tables; MLMD asks to retry.
+        for attempt in range(6):
+            try:
+                return metadata_store.MetadataStore(config)
+            except Exception as e:  # MLMD raises its own error types per backend
+                if "concurrent connection" not in str(e) or attempt == 5:
+                    raise MetadataError(f"cannot open ML Metadata store {self.uri}: {e}") from e
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     @property
     def mlmd(self) -> metadata_store.MetadataStore:
@@ -101,7 +118,7 @@ class MetadataStore:
             t = mlmd_pb2.ArtifactType(name=atype.name)
             for p in atype.properties:
                 t.properties[p] = mlmd_pb2.STRING
-            self._type_ids[key] = self._store.put_artifact_type(t, can_add_fields=True)
+            self._type_ids[key] = _put_type(self._store.put_artifact_type, t)
         return self._type_ids[key]
 
     def _execution_type_id(self, name: str) -> int:
@@ -110,13 +127,13 @@ class MetadataStore:
             t = mlmd_pb2.ExecutionType(name=name)
             for p in EXECUTION_PROPERTIES:
                 t.properties[p] = mlmd_pb2.STRING
-            self._type_ids[key] = self._store.put_execution_type(t, can_add_fields=True)
+            self._type_ids[key] = _put_type(self._store.put_execution_type, t)
         return self._type_ids[key]
 
     def _context_type_id(self, name: str) -> int:
         key = "C:" + name
         if key not in self._type_ids:
-            self._type_ids[key] = self._store.put_context_type(mlmd_pb2.ContextType(name=name), can_add_fields=True)
+            self._type_ids[key] = _put_type(self._store.put_context_type, mlmd_pb2.ContextType(name=name))
         return self._type_ids[key]
 
     # -- contexts ------------------------------------------------------------------------------------
@@ -128,8 +145,11 @@ class MetadataStore:
                 existing = self._store.get_context_by_type_and_name(type_name, name)
                 if existing is None:
                     ctx = mlmd_pb2.Context(type_id=self._context_type_id(type_name), name=name)
-                    ctx.id = self._store.put_contexts([ctx])[0]
-                    existing = ctx
+                    try:
+                        ctx.id = self._store.put_contexts([ctx])[0]
+                        existing = ctx
+                    except mlmd_errors.AlreadyExistsError:  # another run created it meanwhile
+                        existing = self._store.get_context_by_type_and_name(type_name, name)
                 contexts.append(existing)
             return contexts
 
@@ -158,7 +178,7 @@ class MetadataStore:
             }
             for k, v in values.items():
                 e.properties[k].string_value = v
-            e.custom_properties["start_time_ms"].int_value = int(time.time() * 1000)
+            e.custom_properties["start_time_ms"].double_value = time.time() * 1000
             execution_id, _, _ = self._store.put_execution(e, [], contexts)
             return execution_id
 
@@ -181,9 +201,10 @@ class MetadataStore:
             e.last_known_state = state
             if cache_key is not None:
                 e.properties["cache_key"].string_value = cache_key
-            e.custom_properties["end_time_ms"].int_value = end_time_ms or int(time.time() * 1000)
+            # Times are doubles: MLMD's MySQL schema stores int_value in a 32-bit column.
+            e.custom_properties["end_time_ms"].double_value = float(end_time_ms or time.time() * 1000)
             if start_time_ms is not None:
-                e.custom_properties["start_time_ms"].int_value = start_time_ms
+                e.custom_properties["start_time_ms"].double_value = float(start_time_ms)
             if error:
                 e.custom_properties["error"].string_value = error[:4000]
             pairs: list[tuple[mlmd_pb2.Artifact, mlmd_pb2.Event]] = []

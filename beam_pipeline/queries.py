@@ -883,9 +883,10 @@ def module_source(store: MetadataStore, execution: mlmd_pb2.Execution, key: str)
         return None, "not configured"
     name = os.path.basename(path)
     for artifact in _outputs_of(store, execution.id).values():
-        matches = FileSystems.match([artifact_io.join(artifact.uri, "**", name)])[0].metadata_list
+        patterns = [artifact_io.join(artifact.uri, name), artifact_io.join(artifact.uri, "**", name)]
+        matches = sorted({m.path for found in FileSystems.match(patterns) for m in found.metadata_list})
         if matches:
-            copy = sorted(matches, key=lambda m: m.path)[0].path
+            copy = matches[0]
             return artifact_io.read_bytes(copy).decode(
                 errors="replace"
             ), f"copy stored in artifact {artifact.id}: {copy}"

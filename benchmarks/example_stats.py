@@ -62,7 +62,8 @@ def main() -> None:
     ratio = t_base / t_ours
     lines = [
         f"rows: {rows:,} ({os.path.getsize(path) / 1e6:.0f} MB CSV), machine: {os.cpu_count()} cores, DirectRunner",
-        f"ours (ExampleGen + StatisticsGen, incl. Parquet write and ML Metadata): {t_ours:.1f} s, {rows / t_ours:,.0f} rows/s",
+        "ours (ExampleGen + StatisticsGen, incl. Parquet write and ML Metadata): "
+        f"{t_ours:.1f} s, {rows / t_ours:,.0f} rows/s",
         f"tfdv.generate_statistics_from_csv: {t_base:.1f} s, {rows / t_base:,.0f} rows/s",
         f"speed-up: {ratio:.1f}x (target >= 10x and >= 100,000 rows/s)",
     ]
@@ -70,7 +71,9 @@ def main() -> None:
     if not args.no_record:
         write_section(
             "ExampleGen + StatisticsGen vs tfdv.generate_statistics_from_csv",
-            "`python benchmarks/example_stats.py --rows %d`%s\n\n" % (args.rows, f" (our Beam args: `{args.beam_args}`)" if beam_args else "")
+            f"`python benchmarks/example_stats.py --rows {args.rows}`"
+            + (f" (our Beam args: `{args.beam_args}`)" if beam_args else "")
+            + "\n\n"
             + "\n".join(f"- {line}" for line in lines),
         )
 

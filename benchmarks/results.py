@@ -6,7 +6,9 @@ import os
 import re
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-HEADER = "# Benchmark results\n\nEach section is written by the script it names, from one run on this project's machine.\n"
+HEADER = (
+    "# Benchmark results\n\nEach section is written by the script it names, from one run on this project's machine.\n"
+)
 
 
 def write_section(title: str, body: str, path: str = PATH) -> None:

@@ -16,8 +16,16 @@ import pyarrow.csv as pv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(os.path.dirname(HERE), "examples", "chicago_taxi", "data", "data.csv")
-JITTER = {"fare": 0.05, "trip_miles": 0.05, "trip_seconds": 0.05, "tips": 0.05,
-          "pickup_latitude": 1e-5, "pickup_longitude": 1e-5, "dropoff_latitude": 1e-5, "dropoff_longitude": 1e-5}
+JITTER = {
+    "fare": 0.05,
+    "trip_miles": 0.05,
+    "trip_seconds": 0.05,
+    "tips": 0.05,
+    "pickup_latitude": 1e-5,
+    "pickup_longitude": 1e-5,
+    "dropoff_latitude": 1e-5,
+    "dropoff_longitude": 1e-5,
+}
 
 
 def scale(rows: int, out: str, seed: int = 0, sample: str = SAMPLE) -> str:

@@ -38,12 +38,12 @@ def test_cycle_is_rejected_with_its_path(tmp_path):
     gen, stats, schema, validator = _data_half()
     # Wire the statistics input to a channel produced downstream of it.
     stats.inputs["examples"] = validator.outputs.anomalies
-    with pytest.raises(PipelineDefinitionError, match="cycle between components: .*StatisticsGen"):
+    with pytest.raises(PipelineDefinitionError, match=r"cycle between components: .*StatisticsGen"):
         Pipeline("p", str(tmp_path), [gen, stats, schema, validator])
 
 
 def test_missing_required_input():
-    with pytest.raises(PipelineDefinitionError, match="input 'statistics' .* is required"):
+    with pytest.raises(PipelineDefinitionError, match=r"input 'statistics' .* is required"):
         SchemaGen(statistics=None)
 
 
@@ -59,7 +59,7 @@ def test_input_that_is_not_a_channel():
 
 
 def test_producer_missing_from_pipeline(tmp_path):
-    gen, stats, *_ = _data_half()
+    _gen, stats, *_ = _data_half()
     with pytest.raises(PipelineDefinitionError, match="comes from ExampleGen, which is not in the pipeline"):
         Pipeline("p", str(tmp_path), [stats])
 

@@ -340,7 +340,8 @@ def test_threshold_helper_rejects_unknown_metrics_and_directions():
     with pytest.raises(PipelineDefinitionError, match="calibration"):
         _config(max_regression={"calibration": 0.1})
     loss = next(
-        m for m in _config(max_regression={"binary_crossentropy": 0.05}).metrics_specs[0].metrics
+        m
+        for m in _config(max_regression={"binary_crossentropy": 0.05}).metrics_specs[0].metrics
         if m.class_name == "BinaryCrossentropy"
     )
     assert loss.threshold.change_threshold.direction == tfma.MetricDirection.LOWER_IS_BETTER
@@ -355,7 +356,8 @@ class _FakeStore:
     def latest_artifacts(self, type_name, pipeline_name, properties=None):
         self.queries.append((type_name, pipeline_name, properties))
         found = [
-            a for a in self.artifacts
+            a
+            for a in self.artifacts
             if a.type.name == type_name and all(a.properties.get(k) == v for k, v in (properties or {}).items())
         ]
         return sorted(found, key=lambda a: a.id, reverse=True)
@@ -381,9 +383,12 @@ def test_resolve_finds_the_model_of_the_latest_blessing():
     no_baseline = evaluator.external_fingerprint()
     assert evaluator.resolve(store, "p") == {"baseline_model": Artifact(MODEL, "/m/2", {}, id=2)}
     assert evaluator.external_fingerprint() != no_baseline  # a new baseline means a new evaluation
-    assert ev.Evaluator(
-        examples=src.outputs.examples, model=src.outputs.model, eval_config=_config()
-    ).resolve(_FakeStore([]), "p") == {}
+    assert (
+        ev.Evaluator(examples=src.outputs.examples, model=src.outputs.model, eval_config=_config()).resolve(
+            _FakeStore([]), "p"
+        )
+        == {}
+    )
     assert evaluator.resolve(_FakeStore([]), "p") == {}
     orphan = _FakeStore([Artifact(MODEL_BLESSING, "/b/1", {**blessing, "blessed": 1, "model_uri": "/gone"}, id=1)])
     with pytest.raises(MetadataError, match="/gone"):
@@ -476,9 +481,10 @@ def test_taxi_pipeline_blesses_pushes_then_compares_with_its_baseline(tmp_path, 
     assert blessing.properties["model_uri"] == model.uri
     evaluation = tfma.load_eval_result(first.artifact("Evaluator", "evaluation").uri)
     overall = dict(evaluation.slicing_metrics)[()][""][""]
-    assert overall["example_count"]["doubleValue"] == first.artifact("ExampleGen", "examples").properties[
-        "row_counts"
-    ]["eval"]
+    assert (
+        overall["example_count"]["doubleValue"]
+        == first.artifact("ExampleGen", "examples").properties["row_counts"]["eval"]
+    )
     assert len(evaluation.slicing_metrics) > 10  # overall + one slice per trip_start_hour seen
     pushed = first.artifact("Pusher", "pushed_model").properties
     assert (pushed["pushed"], pushed["pushed_version"]) == (1, 1)

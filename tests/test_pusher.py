@@ -218,7 +218,8 @@ class _FakeStore:
 
     def latest_artifacts(self, type_name, pipeline_name, properties=None):
         found = [
-            a for a in self.artifacts
+            a
+            for a in self.artifacts
             if a.type.name == type_name and all(a.properties.get(k) == v for k, v in (properties or {}).items())
         ]
         return sorted(found, key=lambda a: a.id, reverse=True)

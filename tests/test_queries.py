@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import types
 import urllib.request
 
@@ -275,3 +278,34 @@ def test_diff_shows_data_code_config_statistics_and_metrics(model_store, tmp_pat
     assert "train_steps" in text and "+    dropout = 0.1" in text
     same = queries.diff(model_store["store"], a, a)
     assert same.config.empty and not same.code and same.statistics.empty and bool(same.data["same"].all())
+
+
+@pytest.mark.slow
+def test_tensorboard_cli_prints_the_url_and_stops_on_ctrl_c(model_store):
+    a, b = model_store["a"]["model"], model_store["b"]["model"]
+    command = [
+        sys.executable,
+        "-m",
+        "beam_pipeline",
+        "tensorboard",
+        str(a),
+        str(b),
+        "--pipeline-root",
+        model_store["root"],
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in process.stdout:  # ends if the command dies, so a failure cannot hang here
+            lines.append(line)
+            if line.startswith("TensorBoard at "):
+                break
+        assert lines and lines[-1].startswith("TensorBoard at http://127.0.0.1:"), "".join(lines)
+        assert f"model_{a}:" in lines[0] and f"model_{b}:" in lines[1]
+        url = lines[-1].split()[2]
+        status, body = _get(url + "data/runs")
+        assert status == 200 and len(json.loads(body)) >= 2
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode == 0

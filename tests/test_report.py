@@ -139,3 +139,51 @@ def test_failed_run_report_names_the_failure_and_what_never_ran(tmp_path):
         assert f"{absent}: not in this run." in html
     with pytest.raises(MetadataError, match="no run 'r2' of pipeline 'p'"):
         report.write_run_report(store, "p", "r2", str(tmp_path / "other"))
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_real_model_half_is_found_through_lineage_and_reported(tmp_path):
+    """Real Transform, Trainer, Evaluator, Pusher: stats reach the model through Transform, metrics are sliced."""
+    from beam_pipeline import Pipeline, launcher, queries
+    from transforms.evaluator import Evaluator, binary_classification_eval_config
+    from transforms.pusher import Pusher
+    from transforms.trainer import Trainer
+    from transforms.transform import Transform
+
+    module = os.path.join(fm.ROOT, "examples", "chicago_taxi", "taxi_utils.py")
+    base = fm.taxi_pipeline(str(tmp_path / "root"), fm.sample_csv(str(tmp_path / "data.csv"), rows=1500))
+    gen, _, schema_gen, _ = base.components
+    transform = Transform(examples=gen.outputs.examples, schema=schema_gen.outputs.schema, module_file=module)
+    trainer = Trainer(
+        examples=transform.outputs.transformed_examples,
+        transform_graph=transform.outputs.transform_graph,
+        schema=schema_gen.outputs.schema,
+        module_file=module,
+        train_steps=20,
+        eval_steps=5,
+    )
+    evaluator = Evaluator(
+        examples=gen.outputs.examples,
+        model=trainer.outputs.model,
+        eval_config=binary_classification_eval_config("tips_xf", slice_features=["trip_start_hour"]),
+    )
+    pusher = Pusher(model=trainer.outputs.model, blessing=evaluator.outputs.blessing,
+                    serving_model_dir=str(tmp_path / "serving"))  # fmt: skip
+    pipeline = Pipeline("taxi_full", str(tmp_path / "root"), [*base.components, transform, trainer, evaluator, pusher])
+    result = launcher.run(pipeline, ["--direct_num_workers=1"])
+    model = result.artifact("Trainer", "model")
+
+    data = queries.training_data(result.metadata_uri, model.id)
+    assert data.examples.id == result.artifact("ExampleGen", "examples").id  # raw data, reached through Transform
+    assert data.statistics.id == result.artifact("StatisticsGen", "statistics").id
+    metrics = queries.model_metrics(result.metadata_uri, model.id, "trip_start_hour")
+    assert {"auc", "binary_accuracy", "example_count"} <= set(metrics.columns) and len(metrics) > 10
+    assert os.path.isdir(queries.model_run(result.metadata_uri, model.id).uri)
+    assert queries.model_outcome(result.metadata_uri, model.id)["blessed"] is not None
+
+    path = report.write_run_report(result.metadata_uri, "taxi_full", result.run_id, str(tmp_path / "report"))
+    dom = chromium(path, tmp_path)
+    assert "not in this run" not in dom
+    for text in ("Transform", "Trainer", "Sliced by trip_start_hour", "ModelBlessing #", "PushedModel #"):
+        assert text in dom

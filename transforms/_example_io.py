@@ -369,8 +369,7 @@ def _column_hash(arr: pa.Array) -> np.ndarray:
     encoded = pc.dictionary_encode(arr.cast(pa.large_binary()))
     dictionary = encoded.dictionary.to_pylist()
     table = np.array(
-        [int.from_bytes(hashlib.blake2b(v, digest_size=8).digest(), "little") for v in dictionary]
-        + [int(_NULL_HASH)],
+        [int.from_bytes(hashlib.blake2b(v, digest_size=8).digest(), "little") for v in dictionary] + [int(_NULL_HASH)],
         dtype=np.uint64,
     )
     idx = encoded.indices.fill_null(len(dictionary)).to_numpy(zero_copy_only=False)

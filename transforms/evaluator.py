@@ -103,9 +103,7 @@ def binary_classification_eval_config(
             )
         ],
         slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[f]) for f in slice_features],
-        metrics_specs=[
-            tfma.MetricsSpec(metrics=[*metrics.values(), tfma.MetricConfig(class_name="CalibrationPlot")])
-        ],
+        metrics_specs=[tfma.MetricsSpec(metrics=[*metrics.values(), tfma.MetricConfig(class_name="CalibrationPlot")])],
     )
 
 
@@ -402,9 +400,7 @@ class _AddSerializedExamples(beam.DoFn):
             columns.append(pc.if_else(empty, pa.scalar(None, column.type), column))
         serialized = self._encoder.encode(pa.RecordBatch.from_arrays(columns, schema=batch.schema))
         raw = pa.array([[s] for s in serialized], pa.large_list(pa.large_binary()))
-        yield pa.RecordBatch.from_arrays(
-            [*batch.columns, raw], names=[*batch.schema.names, tfma.ARROW_INPUT_COLUMN]
-        )
+        yield pa.RecordBatch.from_arrays([*batch.columns, raw], names=[*batch.schema.names, tfma.ARROW_INPUT_COLUMN])
 
 
 def _pcollections(value: Any) -> Iterator[beam.PCollection]:

@@ -73,7 +73,7 @@ def _copy_tree(src: str, dst: str) -> None:
         raise PipelineDefinitionError(f"model directory {src!r} is empty or missing: nothing to push")
     prefix = src.rstrip("/") + "/"
     for m in matches:
-        target = os.path.join(dst, *m.path[len(prefix):].split("/"))
+        target = os.path.join(dst, *m.path[len(prefix) :].split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with FileSystems.open(m.path, compression_type="uncompressed") as fin, open(target, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
