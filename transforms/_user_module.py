@@ -55,9 +55,7 @@ def load_module(module_file: str, required: Sequence[str], component: str) -> ty
             spec.loader.exec_module(module)
         except Exception as e:
             del sys.modules[name]
-            raise UserModuleError(
-                f"{component}: importing {module_file} raised {type(e).__name__}: {e}"
-            ) from e
+            raise UserModuleError(f"{component}: importing {module_file} raised {type(e).__name__}: {e}") from e
     for fn_name in required:
         if not callable(getattr(module, fn_name, None)):
             raise UserModuleError(f"{component}: {module_file} does not define a function {fn_name}()")

@@ -198,8 +198,9 @@ def _train(
         custom_config=dict(config.custom_config),
     )
     if training.needs_fresh_process(config.strategy, config.cpu_devices):
-        replicas = training.run_in_fresh_process(run_user_fn, config.component_id, config.module_file, fn_args,
-                                                 config.strategy, config.cpu_devices)
+        replicas = training.run_in_fresh_process(
+            run_user_fn, config.component_id, config.module_file, fn_args, config.strategy, config.cpu_devices
+        )
     else:
         replicas = run_user_fn(config.component_id, config.module_file, fn_args, config.strategy, config.cpu_devices)
     if not FileSystems.exists(artifact_io.join(serving_dir, "saved_model.pb")):

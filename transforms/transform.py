@@ -108,9 +108,7 @@ def guarded_preprocessing_fn(fn: Callable, module_file: str) -> Callable:
         except BeamPipelineError:
             raise
         except Exception as e:
-            raise UserModuleError(
-                f"Transform: preprocessing_fn in {module_file} raised {type(e).__name__}: {e}"
-            ) from e
+            raise UserModuleError(f"Transform: preprocessing_fn in {module_file} raised {type(e).__name__}: {e}") from e
         if not isinstance(outputs, Mapping) or not outputs:
             raise UserModuleError(
                 f"Transform: preprocessing_fn in {module_file} must return a non-empty dict of tensors, "
@@ -241,7 +239,8 @@ class Transform(Component):
                     written.append(
                         batches
                         | f"Encode[{split}]" >> beam.FlatMap(_encode_examples)
-                        | f"Write[{split}]" >> beam.io.WriteToTFRecord(
+                        | f"Write[{split}]"
+                        >> beam.io.WriteToTFRecord(
                             FileSystems.join(data_uri, f"Split-{split}", DATA_PREFIX),
                             file_name_suffix=".gz",
                             compression_type=beam.io.filesystem.CompressionTypes.GZIP,
@@ -252,7 +251,8 @@ class Transform(Component):
         done = (
             pipeline
             | "Finish" >> beam.Create([None])
-            | "RemoveTemp" >> beam.Map(
+            | "RemoveTemp"
+            >> beam.Map(
                 _finish,
                 temp_dir=temp_dir,
                 written=beam.pvalue.AsList(written | "AllWritten" >> beam.Flatten()),
@@ -286,4 +286,3 @@ def _finish(_: Any, temp_dir: str, written: list[Any], counts: dict[str, int]) -
     if FileSystems.exists(temp_dir):
         FileSystems.delete([temp_dir])
     return counts
-
