@@ -98,9 +98,18 @@ def run(
     except BeamPipelineError as e:
         click.echo(f"\nerror: {e}", err=True)
         _write_report(pipeline, metadata_uri, None)
-        sys.exit(1)
+        _exit(1)
     display.summary(result)
     _write_report(pipeline, result.metadata_uri, result.run_id)
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Leave without interpreter teardown: TensorFlow's function finalizers print harmless but
+    alarming tracebacks when they run after their modules were torn down."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _write_report(pipeline: Pipeline, metadata_uri: str | None, run_id: str | None) -> None:

@@ -85,7 +85,13 @@ def _gate(value: Any, committed: beam.PCollection, label: str) -> Any:
         return {k: _gate(v, committed, f"{label}.{k}") for k, v in value.items()}
     if value is committed:
         return value
-    return value | f"{label}.AfterCommit" >> beam.Map(_pass, beam.pvalue.AsSingleton(committed))
+    # The Reshuffle keeps a runner from fusing the gate into the producer's own stage, whose
+    # output the commit (the side input) depends on: fused, the stage would wait for itself.
+    return (
+        value
+        | f"{label}.Barrier" >> beam.Reshuffle()
+        | f"{label}.AfterCommit" >> beam.Map(_pass, beam.pvalue.AsSingleton(committed))
+    )
 
 
 def _commit_factory(p: beam.Pipeline, component: Component, plan: ComponentPlan, pipeline_name: str):

@@ -224,6 +224,13 @@ class MetadataStore:
             for a, aid in zip(order, artifact_ids, strict=False):
                 a.id = aid
 
+    def set_execution_property(self, execution_id: int, name: str, value: float) -> None:
+        """Add a measurement known only after publication (e.g. the runner's processing time)."""
+        with self._lock:
+            [e] = self._store.get_executions_by_id([execution_id])
+            e.custom_properties[name].double_value = float(value)
+            self._store.put_executions([e])
+
     def _to_proto(self, a: Artifact) -> mlmd_pb2.Artifact:
         proto = mlmd_pb2.Artifact(type_id=self._artifact_type_id(a.type), uri=a.uri)
         if a.id is not None:  # an existing artifact linked as input: do not rewrite it

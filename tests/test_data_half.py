@@ -61,7 +61,8 @@ def test_graph_reads_raw_data_once_and_passes_batches_in_graph(tmp_path, taxi_sm
         "StatisticsGen.examples.train.AfterCommit",
         "StatisticsGen.examples.eval.AfterCommit",
     }
-    sources = {pc.producer.full_label for g in gates for pc in g.main_inputs.values()}
+    barriers = {pc.producer for g in gates for pc in g.main_inputs.values()}
+    sources = {pc.producer.full_label for b in barriers for pc in b.main_inputs.values()}
     assert sources == {"ExampleGen/ReadSplitWrite/ParDo(_ReadSplitWrite)"}
 
 
