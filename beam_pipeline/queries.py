@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import json
 import os
-import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,6 +30,7 @@ from beam_pipeline.artifacts import (
 )
 from beam_pipeline.errors import MetadataError
 from beam_pipeline.metadata import PIPELINE_CONTEXT, RUN_CONTEXT, STATE_NAMES, MetadataStore
+from beam_pipeline.ports import free_port
 
 EXECUTION_COLUMNS = (
     "id",
@@ -668,12 +668,6 @@ class TensorBoardServer:
         self._server.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_tensorboard(store: MetadataStore | str, model_ids: list[int], port: int | None = None) -> TensorBoardServer:
     """Serve the models' training logs: one model as --logdir, several side by side via --logdir_spec."""
     import threading
@@ -685,7 +679,7 @@ def start_tensorboard(store: MetadataStore | str, model_ids: list[int], port: in
     for name, directory in logdirs.items():
         if not os.path.isdir(directory):
             raise MetadataError(f"{name}: its TensorBoard log directory {directory} no longer exists")
-    argv = [None, "--host", "127.0.0.1", "--port", str(port or _free_port()), "--load_fast", "false"]
+    argv = [None, "--host", "127.0.0.1", "--port", str(port or free_port()), "--load_fast", "false"]
     if len(logdirs) == 1:
         argv += ["--logdir", next(iter(logdirs.values()))]
     else:

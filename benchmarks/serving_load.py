@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from beam_pipeline.ports import free_port  # noqa: E402
 from beam_pipeline.serving.models import load_servable  # noqa: E402
 from beam_pipeline.serving.testing import write_demo_model  # noqa: E402
 from benchmarks.results import PATH as RESULTS_MD  # noqa: E402
@@ -118,12 +118,6 @@ def naive_loop(version_dir: str, body: bytes, duration_s: float, max_requests: i
     return Result(
         "naive loop", 1, len(latencies), 0, elapsed, percentile_ms(latencies, 50), percentile_ms(latencies, 99)
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # The fastest any uvicorn server can answer on this machine: an ASGI app that reads the body and returns a

@@ -15,6 +15,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+from beam_pipeline.ports import free_port
+
 PRESETS: dict[str, list[str]] = {
     "direct": ["--runner=DirectRunner"],
     # The caller names the job service: --job_endpoint=host:port (and an --environment_type).
@@ -26,12 +28,6 @@ PRESETS: dict[str, list[str]] = {
     # Add --spark_master_url=spark://host:7077.
     "spark": ["--runner=SparkRunner"],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 60) -> None:
@@ -49,7 +45,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout_s: floa
 @contextlib.contextmanager
 def local_portable_services() -> Iterator[list[str]]:
     """Start Beam's local job service and an SDK worker pool (separate processes); yield runner args."""
-    job_port, pool_port = _free_port(), _free_port()
+    job_port, pool_port = free_port(), free_port()
     # The worker pool starts SDK harnesses as plain `python`: make that this interpreter (e.g. the venv's).
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", PATH=path)

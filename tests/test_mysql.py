@@ -20,17 +20,12 @@ import pytest
 
 from beam_pipeline import queries, report
 from beam_pipeline.metadata import MetadataStore
+from beam_pipeline.ports import free_port
 from tests import _fixtures_metadata as fm
 
 MARIADBD = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/local/sbin")
 INSTALL_DB = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
 STARTUP_ATTEMPTS = 120  # polls of 0.5 s for the server to accept connections
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _accepts(port: int) -> bool:
@@ -56,7 +51,7 @@ def mariadb(tmp_path_factory):
     )  # fmt: skip
     if install.returncode != 0:
         pytest.skip(f"mariadb-install-db failed: {install.stderr[-500:]}")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [MARIADBD, "--no-defaults", f"--datadir={datadir}", f"--socket={base / 'mysqld.sock'}", f"--port={port}",
          "--bind-address=127.0.0.1", "--skip-grant-tables", "--skip-name-resolve", f"--log-error={log}",

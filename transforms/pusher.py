@@ -140,19 +140,14 @@ class _Push:
             message = f"model {model.uri} is not blessed; nothing pushed to {self.serving_model_dir} ({why})"
             log.warning("%s", message)
             properties: dict[str, Any] = {"pushed": 0, "push_message": message}
-        elif self._already_serving(model):
-            version, destination = self.previous_push["pushed_version"], self.previous_push["pushed_destination"]
-            message = f"model {model.uri} is already the newest version ({version}) at {destination}; not copied again"
-            log.info("%s", message)
-            properties = {
-                "pushed": 1,
-                "pushed_destination": destination,
-                "pushed_version": version,
-                "push_message": message,
-            }
         else:
-            version, destination = push_model(artifact_io.join(model.uri, SERVING_MODEL_DIR), self.serving_model_dir)
-            message = f"pushed model {model.uri} as version {version} to {destination}"
+            if self._already_serving(model):
+                version, destination = self.previous_push["pushed_version"], self.previous_push["pushed_destination"]
+                message = f"model {model.uri} is already version {version} at {destination}; not copied again"
+            else:
+                source = artifact_io.join(model.uri, SERVING_MODEL_DIR)
+                version, destination = push_model(source, self.serving_model_dir)
+                message = f"pushed model {model.uri} as version {version} to {destination}"
             log.info("%s", message)
             properties = {
                 "pushed": 1,

@@ -15,18 +15,13 @@ import httpx
 import pytest
 import uvicorn
 
+from beam_pipeline.ports import free_port
 from beam_pipeline.serving.server import create_app
 from beam_pipeline.serving.testing import expected_score
 from tests.serving.conftest import ROW, V1_BIAS, V2_BIAS
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition, what: str, proc: subprocess.Popen | None = None) -> None:
