@@ -168,3 +168,16 @@ def test_portable_runner_gives_the_same_statistics(tmp_path, taxi_small_csv):
         == portable.artifact("ExampleGen", "examples").properties["row_counts"]
     )
     assert os.path.exists(os.path.join(portable.artifact("SchemaGen", "schema").uri, "schema.pbtxt"))
+
+
+def test_statistics_options_sampling_and_slicing(tmp_path, taxi_small_csv):
+    gen = ExampleGen(input_base=taxi_small_csv)
+    stats = StatisticsGen(examples=gen.outputs.examples, slice_features=["payment_type"], num_top_values=3)
+    result = launcher.run(Pipeline("opts", str(tmp_path), [gen, stats]))
+    datasets = _read_stats(result.artifact("StatisticsGen", "statistics"), "train").datasets
+    names = [d.name for d in datasets]
+    assert names[0] == "train" and "payment_type_Cash" in names
+    cash = next(d for d in datasets if d.name == "payment_type_Cash")
+    assert 0 < cash.num_examples < datasets[0].num_examples
+    company = next(f for f in datasets[0].features if f.path.step[0] == "company")
+    assert len(company.string_stats.top_values) == 3

@@ -222,3 +222,11 @@ def test_parquet_and_tfrecord_inputs_give_the_same_rows(tmp_path, taxi_small_csv
     assert sum(counts["csv"].values()) == 1500
     assert counts["csv"] == counts["parquet"], counts
     assert counts["tfrecord"] == counts["csv"], counts
+
+
+def test_partition_feature_keeps_each_value_in_one_split():
+    table = pa.table({"user": pa.array([f"u{i % 40}" for i in range(4000)]), "x": pa.array(range(4000))})
+    splits = io_.assign_splits(io_.row_hashes(table, ["user"]), {"train": 3, "eval": 1})
+    users = {name: set(table.column("user").take(pa.array(rows)).to_pylist()) for name, rows in splits.items()}
+    assert users["train"] and users["eval"] and not users["train"] & users["eval"]
+    assert len(users["train"]) + len(users["eval"]) == 40
