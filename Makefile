@@ -7,14 +7,15 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench constraints clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or run: make PYTHON=/path/to/python3.11 ...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) setup.py requirements.txt constraints.txt
-	$(PY) -m pip install --quiet --upgrade "pip>=24" wheel
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -c constraints.txt setuptools wheel
 	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt
 	@touch $(STAMP)
 
@@ -32,6 +33,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/example_stats.py
+
+# Re-pin after changing requirements: the whole verified set, setuptools included (TensorBoard 2.16
+# needs pkg_resources, which setuptools >= 81 no longer ships).
+constraints: $(PY)
+	$(PY) -m pip freeze --all --exclude-editable | grep -v -e '^pip==' -e '^beam-pipeline' > constraints.txt
 
 clean:
 	rm -rf pipelines .pytest_cache

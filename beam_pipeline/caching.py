@@ -28,7 +28,7 @@ def cache_key(component: Component, inputs: Mapping[str, Sequence[Artifact]]) ->
         "version": component.VERSION,
         "config": component.exec_properties(),
         "modules": {m: file_fingerprint(m) for m in component.module_files()},
-        "external": component.external_fingerprint(),
+        "external": component.external_fingerprint(inputs),
         "inputs": {name: [a.properties.get("fingerprint") for a in arts] for name, arts in sorted(inputs.items())},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

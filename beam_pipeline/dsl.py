@@ -167,8 +167,9 @@ class Component(beam.PTransform):
         """The runtime configuration recorded in ML Metadata and hashed into the cache key."""
         return {k: _jsonable(v) for k, v in sorted(self.params.items())}
 
-    def external_fingerprint(self) -> str:
-        """Fingerprint of what the component reads from outside the pipeline (input files); cache key part."""
+    def external_fingerprint(self, inputs: Mapping[str, Sequence[Any]] | None = None) -> str:
+        """Fingerprint of what decides the outputs besides config and channel inputs (input files,
+        resolved artifacts); part of the cache key. `inputs` are the input Artifacts, when known."""
         return ""
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -81,7 +81,9 @@ def taxi_pipeline(
             "tips_xf", lower_bounds={"auc": 0.5}, max_regression=max_regression
         ),
     )
-    pusher = Pusher(model=trainer.outputs.model, blessing=evaluator.outputs.blessing, serving_model_dir=str(serving_dir))
+    pusher = Pusher(
+        model=trainer.outputs.model, blessing=evaluator.outputs.blessing, serving_model_dir=str(serving_dir)
+    )
     return Pipeline(pipeline.name, pipeline.root, [*head, trainer, evaluator, pusher])
 
 

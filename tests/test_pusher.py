@@ -202,7 +202,16 @@ def test_serving_dir_that_does_not_exist_yet_is_fine(tmp_path):
     pusher = _pusher(tmp_path / "a" / "b")
     assert pusher.static_outputs({}) == {"pushed_model": {}}
     assert not (tmp_path / "a").exists()  # the check leaves nothing behind
-    assert pusher.always_run()
+
+
+def test_cache_key_follows_the_versions_in_the_serving_dir(tmp_path):
+    pusher = _pusher(tmp_path / "serving")
+    empty = pusher.external_fingerprint()
+    (tmp_path / "serving" / "1").mkdir(parents=True)
+    (tmp_path / "serving" / ".tmp-push").mkdir()
+    one = pusher.external_fingerprint()
+    assert one != empty  # a version appeared: a cached push is no longer trusted
+    assert pusher.external_fingerprint() == one  # temp dirs do not count
 
 
 def test_remote_or_missing_serving_dir_is_rejected():

@@ -206,9 +206,15 @@ class Evaluator(Component):
             self._files = io_.match_files([self.params["data_path"]])
         return self._files
 
-    def external_fingerprint(self) -> str:
-        """Next-day data files and the resolved baseline decide the outputs without being channel inputs."""
-        facts: dict[str, Any] = {"baseline": self._baseline_fingerprint}
+    def external_fingerprint(self, inputs=None) -> str:
+        """Next-day data files and the resolved baseline decide the outputs without being channel inputs.
+
+        A baseline that is the candidate model itself (a rerun with a cached Trainer) changes no
+        decision, so it counts as no baseline: an unchanged pipeline stays fully cached.
+        """
+        candidates = {str(a.properties.get("fingerprint", a.uri)) for a in (inputs or {}).get("model", [])}
+        baseline = self._baseline_fingerprint if self._baseline_fingerprint not in candidates else None
+        facts: dict[str, Any] = {"baseline": baseline}
         if self.params["data_path"]:
             facts["data"] = {path: caching.file_fingerprint(path) for path in self.data_files()}
         return json.dumps(facts, sort_keys=True)

@@ -76,7 +76,7 @@ class ExampleGen(Component):
             self._files = io_.match_files(self.params["input_base"])
         return self._files
 
-    def external_fingerprint(self) -> str:
+    def external_fingerprint(self, inputs=None) -> str:
         h = hashlib.blake2b(digest_size=16)
         for path in self.files:
             h.update(path.encode())

@@ -195,8 +195,11 @@ class Pusher(Component):
             component_id=component_id,
         )
 
-    def always_run(self) -> bool:
-        return True
+    def external_fingerprint(self, inputs=None) -> str:
+        """The versions now in serving_model_dir: if someone removed or added one, push again."""
+        directory = self.params["serving_model_dir"]
+        versions = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        return json.dumps([v for v in versions if v.isdigit()])
 
     def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
         """This Pusher's last push, so that a rerun with the same (cached) model does not push it again."""

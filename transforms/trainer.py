@@ -109,7 +109,7 @@ class Trainer(Component):
         self._warm_start_fingerprint = str(latest[0].properties.get("fingerprint", latest[0].uri))
         return {"warm_start_model": latest[0]}
 
-    def external_fingerprint(self) -> str:
+    def external_fingerprint(self, inputs=None) -> str:
         """The warm-start model is a starting point outside the inputs: a new one means a new result."""
         return self._warm_start_fingerprint
 
