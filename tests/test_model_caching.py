@@ -145,7 +145,8 @@ def rerun(base: Base, tmp_path):
     """rerun(**changes) runs the base pipeline again, with `changes` to taxi_pipeline's arguments.
 
     It runs in a fresh root that starts with a copy of the base run's ML Metadata, and pushes to a
-    copy of its serving directory (`rerun.serving`); every call of one test shares both.
+    copy of its serving directory (`rerun.serving`); every call of one test shares both. (The copied
+    metadata's record of the last push still names the base run's version directory, which exists.)
     """
     root, serving = tmp_path / "root", tmp_path / "serving"
     root.mkdir()
