@@ -62,12 +62,13 @@ def test_byte_ranges_cover_every_row_exactly_once(tmp_path):
     assert total == list(range(5000))
 
 
-def test_list_layout_keeps_missing_values_as_empty_lists():
+def test_list_layout_keeps_missing_values_as_null_lists():
     table = pa.table({"x": pa.array([1.0, None, 3.0]), "s": pa.array(["a", None, "c"])})
     batch = io_.to_list_batch(table)
     assert batch.schema.field("x").type == pa.large_list(pa.float32())
     assert batch.schema.field("s").type == pa.large_list(pa.large_binary())
-    assert batch.column(0).to_pylist() == [[1.0], [], [3.0]]
+    assert batch.column(0).to_pylist() == [[1.0], None, [3.0]]
+    assert batch.column(1).to_pylist() == [[b"a"], None, [b"c"]]
 
 
 def test_split_assignment_is_a_function_of_the_row(tmp_path):

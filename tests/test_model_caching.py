@@ -4,7 +4,8 @@ One base run (1,500 rows, 20 train steps) is shared by every test. Each test the
 again from a snapshot of it: a copy of the base run's ML Metadata (in a fresh pipeline root) and of
 its serving directory, so no test sees another test's executions, blessings or pushes. The data and
 module files keep their paths (a path is configuration, so a new path would re-run by itself); a test
-that edits one restores it afterwards.
+that edits one restores it afterwards, and so does the one test that changes the base serving
+directory.
 
 The Transform and the Trainer read two copies of `taxi_utils.py` here, so that editing the trainer's
 copy can show Transform staying cached. `create_pipeline` gives both the same file, and a module
@@ -142,61 +143,58 @@ def base(tmp_path_factory, taxi_small_csv) -> Base:
 
 @pytest.fixture
 def rerun(base: Base, tmp_path):
-    """rerun(**changes) runs the base pipeline again, with `changes` to taxi_pipeline's arguments.
+    """rerun(serving_dir=None, **changes) runs the base pipeline again, with `changes` to taxi_pipeline.
 
-    It runs in a fresh root that starts with a copy of the base run's ML Metadata, and pushes to a
-    copy of its serving directory (`rerun.serving`); every call of one test shares both. (The copied
-    metadata's record of the last push still names the base run's version directory, which exists.)
+    It runs in a fresh root that starts with a copy of the base run's ML Metadata (shared by every
+    call of one test). It pushes to a copy of the base serving directory made for the test, unless
+    given `serving_dir`: the directory's path is Pusher configuration, so only the base run's own
+    directory lets the Pusher be reused.
     """
     root, serving = tmp_path / "root", tmp_path / "serving"
     root.mkdir()
     shutil.copy(base.root / "metadata.sqlite", root / "metadata.sqlite")
     shutil.copytree(base.serving, serving)
 
-    def run(**changes) -> RunResult:
+    def run(serving_dir: Path = serving, **changes) -> RunResult:
         kwargs = {"trainer_module_file": base.trainer_module, "max_regression": {"auc": 0.01}, **changes}
-        return launcher.run(taxi_pipeline(root, base.data, serving, base.transform_module, **kwargs))
+        return launcher.run(taxi_pipeline(root, base.data, serving_dir, base.transform_module, **kwargs))
 
-    run.serving = serving
     return run
 
 
-def assert_not_pushed_again(result: RunResult, serving: Path) -> None:
-    pushed = result.artifact("Pusher", "pushed_model").properties
-    assert pushed["pushed"] == 1 and pushed["pushed_version"] == 1, pushed
-    assert "not copied again" in pushed["push_message"], pushed["push_message"]
-    assert sorted(os.listdir(serving)) == ["1"]
+def artifact_ids(result: RunResult) -> dict[str, dict[str, int | None]]:
+    return {c.id: {name: a.id for name, a in c.artifacts.items()} for c in result.components.values()}
 
 
-def test_unchanged_pipeline_trains_nothing_and_pushes_no_new_version(base, rerun):
-    """Nothing changed: Transform and Trainer are reused, and no new version is pushed.
+def test_unchanged_pipeline_runs_nothing_and_pushes_no_new_version(base, rerun):
+    """Nothing changed: every component is CACHED, Evaluator and Pusher included, and reuses the base
+    run's artifacts; the serving directory still holds version 1 only.
 
-    The Pusher runs on every run by design (`always_run`: whether to push depends on the serving
-    directory, not only on its inputs), so it is COMPLETE, never CACHED; it sees its last push is
-    still the newest version and copies nothing. The Evaluator re-runs on the first rerun only
-    (the baseline goes from none to the model itself; see the xfail test below); from the next
-    run on it is CACHED too.
+    The Evaluator's baseline is now the model itself (blessed by the base run), which changes no
+    decision and so does not count. The Pusher's cache key holds the versions in its directory.
     """
-    second = rerun()
-    for cid in (*DATA_HALF, "Transform", "Trainer"):
-        assert second.components[cid].state == "CACHED", states(second)
-    assert second.artifact("Trainer", "model").id == base.result.artifact("Trainer", "model").id
-    assert second.components["Pusher"].state == "COMPLETE"
-    assert_not_pushed_again(second, rerun.serving)
-
-    third = rerun()
-    assert states(third) == {**dict.fromkeys((*DATA_HALF, *MODEL_HALF), "CACHED"), "Pusher": "COMPLETE"}
-    assert third.artifact("Evaluator", "blessing").properties["blessed"] == 1
-    assert_not_pushed_again(third, rerun.serving)
+    result = rerun(serving_dir=base.serving)
+    assert set(states(result).values()) == {"CACHED"}, states(result)
+    assert artifact_ids(result) == artifact_ids(base.result)
+    assert result.artifact("Pusher", "pushed_model").properties["pushed_version"] == 1
+    assert sorted(os.listdir(base.serving)) == ["1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Evaluator's cache key holds its baseline, which goes from none (first run) to the "
-    "candidate model itself on the first rerun: a self-comparison is evaluated instead of reused",
-)
-def test_first_rerun_reuses_the_evaluation(rerun):
-    assert rerun().components["Evaluator"].state == "CACHED"
+def test_a_removed_version_is_pushed_again_without_retraining(base, rerun, tmp_path):
+    """The serving directory lost the pushed version: only the Pusher runs, and pushes the same model."""
+    aside = tmp_path / "version-1"
+    os.rename(base.serving / "1", aside)
+    try:
+        result = rerun(serving_dir=base.serving)
+        assert states(result) == {**dict.fromkeys((*DATA_HALF, *MODEL_HALF), "CACHED"), "Pusher": "COMPLETE"}
+        pushed = result.artifact("Pusher", "pushed_model").properties
+        assert pushed["model_uri"] == base.result.artifact("Trainer", "model").uri
+        assert (pushed["pushed"], pushed["pushed_version"]) == (1, 1), pushed
+        assert sorted(os.listdir(base.serving)) == ["1"]
+        assert sorted(os.listdir(base.serving / "1")) == sorted(os.listdir(aside))
+    finally:
+        shutil.rmtree(base.serving / "1", ignore_errors=True)
+        os.rename(aside, base.serving / "1")
 
 
 def test_editing_the_transform_module_reruns_transform_and_everything_downstream(base, rerun):

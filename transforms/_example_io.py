@@ -308,7 +308,7 @@ def parse_csv_block(
 
 # -- Arrow layout ---------------------------------------------------------------------------------
 def to_list_batch(table: pa.Table) -> pa.RecordBatch:
-    """Flat columns → large_list columns (missing = empty list): the layout TFDV and TFT read."""
+    """Flat columns → large_list columns (missing = null list): the layout TFDV and TFT read."""
     arrays, fields = [], []
     for name, col in zip(table.column_names, table.columns, strict=False):
         arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -323,7 +323,10 @@ def to_list_batch(table: pa.Table) -> pa.RecordBatch:
         offsets = np.zeros(len(arr) + 1, dtype=np.int64)
         np.cumsum(valid, out=offsets[1:])
         values = pc.drop_null(arr).cast(value_type)
-        arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), values))
+        # A missing value is a null list (not an empty one), as tfx-bsl's decoders make it, so TFDV
+        # counts it in num_missing and SchemaGen infers presence from it.
+        mask = None if arr.null_count == 0 else np.concatenate([~valid, [False]])
+        arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets, mask=mask), values))
         fields.append(pa.field(name, pa.large_list(value_type)))
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
 

@@ -391,9 +391,9 @@ def _slices(batch: pa.RecordBatch, max_rows: int) -> Iterator[pa.RecordBatch]:
 class _AddSerializedExamples(beam.DoFn):
     """Append the serialized tf.Example of each row as TFMA's raw-record column.
 
-    An empty list (a missing CSV value) is encoded as null, i.e. a feature without a value list,
-    which tf.io.parse_example treats as missing: a FixedLenFeature then gets its default instead
-    of failing on zero values.
+    Missing values arrive as null lists; an empty list (possible from Parquet or TFRecord input) is
+    encoded as null too, i.e. a feature without a value list, which tf.io.parse_example treats as
+    missing: a FixedLenFeature then gets its default instead of failing on zero values.
     """
 
     def setup(self) -> None:
