@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import reprlib
 from collections.abc import Mapping
 from typing import Any
@@ -40,7 +41,12 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise BadRequestError(f"malformed JSON: {e}") from None
+        # TF Serving's REST API accepts NaN/Infinity/-Infinity for floats (strict JSON does not,
+        # nor does orjson); the standard parser takes them, and the taxi model's missing float is NaN.
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):
+            raise BadRequestError(f"malformed JSON: {e}") from None
     if not isinstance(payload, dict):
         raise BadRequestError(f"request body must be a JSON object, got {type(payload).__name__}")
     return payload

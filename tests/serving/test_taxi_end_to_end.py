@@ -208,11 +208,6 @@ def test_predict_rows_and_columns_match_the_saved_model(client, version_1, compl
     assert 0 < expected.min() and expected.max() < 1 and expected.std() > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the server's JSON parser (orjson) rejects the NaN token, which TF Serving's REST API accepts "
-    "for float values; serving_default takes NaN for a missing float",
-)
 def test_predict_missing_floats_as_nan(client, version_1, columns):
     body = json.dumps({"instances": instances(columns)})  # allow_nan: NaN tokens, as TF Serving clients send
     assert "NaN" in body
