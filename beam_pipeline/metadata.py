@@ -96,12 +96,13 @@ class MetadataStore:
         self._lock = threading.RLock()
 
     def _open(self, config: mlmd_pb2.ConnectionConfig) -> metadata_store.MetadataStore:
-        # Two processes opening an empty MySQL database race to create its tables; MLMD asks to retry.
+        # Two processes opening an empty MySQL database race to create its tables; MLMD (or MySQL,
+        # with a deadlock) asks to retry.
         for attempt in range(6):
             try:
                 return metadata_store.MetadataStore(config)
             except Exception as e:  # MLMD raises its own error types per backend
-                if "concurrent connection" not in str(e) or attempt == 5:
+                if not any(m in str(e) for m in ("concurrent connection", "Deadlock found")) or attempt == 5:
                     raise MetadataError(f"cannot open ML Metadata store {self.uri}: {e}") from e
                 time.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")

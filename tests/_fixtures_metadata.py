@@ -20,7 +20,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline import launcher
+from beam_pipeline import Pipeline, launcher
 from beam_pipeline.artifacts import MODEL, MODEL_BLESSING, MODEL_EVALUATION, MODEL_RUN, PUSHED_MODEL, Artifact
 from beam_pipeline.metadata import MetadataStore
 
@@ -48,7 +48,12 @@ def taxi_pipeline(root: str, data_path: str):
     spec = importlib.util.spec_from_file_location("_fixture_taxi_pipeline", TAXI_PIPELINE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.create_pipeline(pipeline_root=root, data_path=data_path)
+    return data_half(module.create_pipeline(pipeline_root=root, data_path=data_path))
+
+
+def data_half(pipeline: Pipeline) -> Pipeline:
+    """The example pipeline's first four components (ExampleGen … ExampleValidator)."""
+    return Pipeline(pipeline.name, pipeline.root, pipeline.components[:4])
 
 
 def pipeline_file(path: str, root: str, data_path: str) -> str:
@@ -59,13 +64,16 @@ def pipeline_file(path: str, root: str, data_path: str) -> str:
                 f"""
                 import importlib.util
 
+                from beam_pipeline import Pipeline
+
                 spec = importlib.util.spec_from_file_location("taxi", {TAXI_PIPELINE!r})
                 module = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(module)
 
 
                 def create_pipeline(pipeline_root={root!r}):
-                    return module.create_pipeline(pipeline_root=pipeline_root, data_path={data_path!r})
+                    full = module.create_pipeline(pipeline_root=pipeline_root, data_path={data_path!r})
+                    return Pipeline(full.name, full.root, full.components[:4])  # the data half
                 """
             )
         )

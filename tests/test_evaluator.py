@@ -437,7 +437,7 @@ def test_serialized_examples_leave_missing_values_absent():
 
 # -- end to end ----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_taxi_pipeline_blesses_pushes_then_compares_with_its_baseline(tmp_path, taxi_small_csv):
+def test_taxi_pipeline_blesses_pushes_then_reuses_everything_when_unchanged(tmp_path, taxi_small_csv):
     from tests.helpers import run_components
     from transforms.example_gen import ExampleGen
     from transforms.schema_gen import SchemaGen
@@ -490,11 +490,14 @@ def test_taxi_pipeline_blesses_pushes_then_compares_with_its_baseline(tmp_path, 
     assert (pushed["pushed"], pushed["pushed_version"]) == (1, 1)
     assert os.path.exists(os.path.join(pushed["pushed_destination"], "saved_model.pb"))
 
-    # Second run: the cached model is compared with itself as the blessed baseline; no new version.
+    # Second run: the blessed baseline is the cached model itself, which changes no decision, so the
+    # evaluation and the push are reused too; no new version.
     second = run_components(tmp_path / "root", components(), name="taxi")
-    assert second.components["Trainer"].state == "CACHED"
+    assert {c: second.components[c].state for c in ("Trainer", "Evaluator", "Pusher")} == dict.fromkeys(
+        ("Trainer", "Evaluator", "Pusher"), "CACHED"
+    )
     blessing = second.artifact("Evaluator", "blessing").properties
-    assert blessing["blessed"] == 1 and blessing["baseline_model_uri"] == model.uri
+    assert blessing["blessed"] == 1 and blessing["model_uri"] == model.uri
     pushed = second.artifact("Pusher", "pushed_model").properties
     assert (pushed["pushed"], pushed["pushed_version"]) == (1, 1)
     assert os.listdir(serving) == ["1"]
