@@ -40,7 +40,6 @@ class ComponentResult:
     type: str
     state: str = PENDING
     execution_id: int | None = None
-    duration_s: float | None = None  # from its inputs being committed to its own commit
     busy_s: float | None = None  # processing time the runner measured in its transforms
     artifacts: dict[str, Artifact] = dataclasses.field(default_factory=dict)
     end_time_ms: int | None = None
@@ -210,7 +209,7 @@ def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms) -> dic
                     start_time_ms=start_ms,
                 )
                 r = result.components[c.id]
-                r.state, r.execution_id, r.artifacts, r.duration_s = CACHED, execution_id, plan.cached_outputs, 0.0
+                r.state, r.execution_id, r.artifacts = CACHED, execution_id, plan.cached_outputs
                 r.end_time_ms = start_ms
                 log.info("%s: reusing outputs of execution %d", c.id, original_id)
                 continue
@@ -280,7 +279,6 @@ def _publish_ready(pipeline, plans, store, contexts, result, start_ms) -> bool:
             cache_key=key,
         )
         r.state, r.artifacts, r.end_time_ms = COMPLETE, outputs, end_ms
-        r.duration_s = max(0.0, (end_ms - began_ms) / 1000)
         changed = True
     return changed
 
@@ -344,17 +342,3 @@ def _root_line(text: str) -> str:
                 return line.strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1].strip() if lines else text
-
-
-def summarize(result: RunResult) -> list[dict[str, Any]]:
-    """One row per component for tables and reports."""
-    return [
-        {
-            "component": r.id,
-            "state": r.state,
-            "duration_s": r.duration_s,
-            "execution_id": r.execution_id,
-            "artifacts": {name: (a.id, a.uri) for name, a in r.artifacts.items()},
-        }
-        for r in result.components.values()
-    ]
