@@ -7,7 +7,6 @@ never reaches TensorFlow (where it would be an opaque runtime error, or worse, a
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import reprlib
 from collections.abc import Mapping
@@ -68,7 +67,7 @@ def _b64decode(field: str, value: Any) -> bytes:
         raise BadRequestError(f"{field!r}: 'b64' must hold a base64 string, got {_describe(value)}")
     try:
         return base64.b64decode(value, validate=True)
-    except binascii.Error as e:
+    except ValueError as e:  # binascii.Error, or a non-ASCII string
         raise BadRequestError(f"{field!r}: invalid base64: {e}") from None
 
 
