@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="beam-pipeline",
     version="0.1.0",
-    description="End-to-end ML pipelines (ExampleGen → … → Pusher) compiled into one Beam graph, recorded in ML Metadata",
+    description="End-to-end ML pipelines compiled into one Beam graph, recorded in ML Metadata",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["beam_pipeline", "beam_pipeline.*", "transforms", "runners"]),
     package_data={"beam_pipeline": ["templates/*.html.j2"]},

@@ -143,9 +143,10 @@ def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, Component
             else:
                 input_uris[name] = producer.output_uris[ch.name]
             committed_inputs[name] = committed[key]
-            inputs[name] = (
-                values[key] if producer.cached else _gate(values[key], committed[key], f"{component.id}.{name}")
-            )
+            if producer.cached or component.FUSE_WITH_PRODUCERS:
+                inputs[name] = values[key]
+            else:
+                inputs[name] = _gate(values[key], committed[key], f"{component.id}.{name}")
             input_static[name] = plans[ch.producer.id].static_outputs.get(ch.name, {})
         ctx = ComponentContext(
             pipeline_name=pipeline.name,

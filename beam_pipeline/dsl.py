@@ -106,6 +106,11 @@ class Component(beam.PTransform):
     OUTPUTS: ClassVar[Mapping[str, ArtifactType]] = {}
     # Bump when a change to the implementation changes what it outputs: part of the cache key.
     VERSION: ClassVar[str] = "1"
+    # By default a component starts only after its producers committed, so a failure here leaves them
+    # published and a rerun reuses them. That wait materializes the inputs at a barrier; a cheap,
+    # reliable consumer of bulk data sets this to run fused with its producers instead (a failure then
+    # also fails them, and a rerun redoes them).
+    FUSE_WITH_PRODUCERS: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -54,21 +54,17 @@ def test_graph_reads_raw_data_once_and_passes_batches_in_graph(tmp_path, taxi_sm
     walk(top)
     assert sum(label.endswith("/ReadSplitWrite") for label in applied) == 1
     assert not [label for label in applied if ".Load" in label or "ReadParquet" in label]
-    # StatisticsGen consumes the PCollection ExampleGen produced (not a file it would re-read).
-    # (through a gate that only waits for ExampleGen's commit, carrying the same elements).
+    # StatisticsGen consumes the PCollections ExampleGen produced (not a file it would re-read), fused
+    # with it: no commit gate in between (FUSE_WITH_PRODUCERS).
     stats_node = next(n for n in top.parts if n.full_label == "StatisticsGen")
-    gates = {pc.producer for pc in stats_node.main_inputs.values()}
-    assert {g.full_label for g in gates} == {
-        "StatisticsGen.examples.train.AfterCommit",
-        "StatisticsGen.examples.eval.AfterCommit",
+    sources = {pc.producer.full_label for pc in stats_node.main_inputs.values()}
+    assert sources == {"ExampleGen/ReadSplitWrite/ParDo(_ReadSplitWrite)"}
+    # SchemaGen is gated: it starts after StatisticsGen committed, behind the barrier.
+    schema_node = next(n for n in top.parts if n.full_label == "SchemaGen")
+    assert {pc.producer.full_label for pc in schema_node.main_inputs.values()} == {
+        "SchemaGen.statistics.train.AfterCommit",
+        "SchemaGen.statistics.eval.AfterCommit",
     }
-
-    def source(node):  # walk back through the gate's own steps to the first transform outside it
-        while node.full_label.startswith("StatisticsGen."):
-            node = next(iter(node.main_inputs.values())).producer
-        return node.full_label
-
-    assert {source(g) for g in gates} == {"ExampleGen/ReadSplitWrite/ParDo(_ReadSplitWrite)"}
 
 
 def test_raw_file_bytes_are_read_once_at_run_time(tmp_path, taxi_small_csv, monkeypatch):
@@ -175,7 +171,7 @@ def test_portable_runner_gives_the_same_statistics(tmp_path, taxi_small_csv):
     assert os.path.exists(os.path.join(portable.artifact("SchemaGen", "schema").uri, "schema.pbtxt"))
 
 
-def test_statistics_options_sampling_and_slicing(tmp_path, taxi_small_csv):
+def test_statistics_options_slicing(tmp_path, taxi_small_csv):
     gen = ExampleGen(input_base=taxi_small_csv)
     stats = StatisticsGen(examples=gen.outputs.examples, slice_features=["payment_type"], num_top_values=3)
     result = launcher.run(Pipeline("opts", str(tmp_path), [gen, stats]))
@@ -186,3 +182,55 @@ def test_statistics_options_sampling_and_slicing(tmp_path, taxi_small_csv):
     assert 0 < cash.num_examples < datasets[0].num_examples
     company = next(f for f in datasets[0].features if f.path.step[0] == "company")
     assert len(company.string_stats.top_values) == 3
+    # The slices are of this split only: per value, they add up to the split.
+    payment = [d for d in datasets if d.name.startswith("payment_type_")]
+    assert sum(d.num_examples for d in payment) == datasets[0].num_examples
+    eval_names = [d.name for d in _read_stats(result.artifact("StatisticsGen", "statistics"), "eval").datasets]
+    assert eval_names[0] == "eval" and "payment_type_Cash" in eval_names
+
+
+def test_statistics_sample_rows(tmp_path, taxi_small_csv):
+    gen = ExampleGen(input_base=taxi_small_csv)
+    stats = StatisticsGen(examples=gen.outputs.examples, sample_rate=0.5)
+    result = launcher.run(Pipeline("sample", str(tmp_path), [gen, stats]))
+    rows = result.artifact("ExampleGen", "examples").properties["row_counts"]["train"]
+    sampled = _read_stats(result.artifact("StatisticsGen", "statistics"), "train").datasets[0].num_examples
+    assert 0.4 * rows < sampled < 0.6 * rows  # rows are sampled, not whole blocks
+
+
+def test_statistics_match_tfdv_generate_statistics_per_split(tmp_path, taxi_small_csv):
+    """One TFDV pass keyed by split gives what `tfdv.GenerateStatistics` gives on each split alone."""
+    import apache_beam as beam
+    import pyarrow.parquet as pq
+    import tensorflow_data_validation as tfdv
+
+    gen = ExampleGen(input_base=taxi_small_csv)
+    stats = StatisticsGen(examples=gen.outputs.examples, num_top_values=5)
+    result = launcher.run(Pipeline("same", str(tmp_path / "root"), [gen, stats]))
+    examples = result.artifact("ExampleGen", "examples")
+    for split in ("train", "eval"):
+        batches = pq.read_table(os.path.join(examples.uri, f"Split-{split}")).to_batches()
+        out = str(tmp_path / f"{split}.tfrecord")
+        with beam.Pipeline() as p:
+            _ = (
+                p
+                | beam.Create(batches, reshuffle=False)
+                | tfdv.GenerateStatistics(tfdv.StatsOptions(num_top_values=5))
+                | tfdv.WriteStatisticsToTFRecord(out)
+            )
+        [expected] = tfdv.load_statistics(out).datasets
+        [ours] = _read_stats(result.artifact("StatisticsGen", "statistics"), split).datasets
+        assert ours.name == split and ours.num_examples == expected.num_examples > 0
+        mine = {f.path.step[0]: f for f in ours.features}
+        theirs = {f.path.step[0]: f for f in expected.features}
+        assert mine.keys() == theirs.keys()
+        for name, f in theirs.items():
+            g = mine[name]
+            if f.HasField("num_stats"):
+                assert g.num_stats.common_stats == f.num_stats.common_stats, name
+                for field in ("mean", "std_dev", "min", "max", "num_zeros"):
+                    assert getattr(g.num_stats, field) == pytest.approx(getattr(f.num_stats, field)), (name, field)
+            else:
+                assert g.string_stats.common_stats == f.string_stats.common_stats, name
+                assert g.string_stats.unique == f.string_stats.unique, name
+                assert g.string_stats.top_values == f.string_stats.top_values, name

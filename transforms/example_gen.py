@@ -126,7 +126,7 @@ class ExampleGen(Component):
         )
         tagged = (
             pbegin
-            | "Units" >> beam.Create([(i, u) for i, u in enumerate(units)])
+            | "Units" >> beam.Create([(i, u) for i, u in enumerate(units)], reshuffle=False)
             | "Distribute" >> beam.Reshuffle()
             | "ReadSplitWrite" >> beam.ParDo(read).with_outputs(_COUNTS, *splits)
         )
@@ -178,12 +178,12 @@ class _ReadSplitWrite(beam.DoFn):
             )
         if table.num_rows:
             hashes = io_.row_hashes(table, [self._partition] if self._partition else None)
-            batch = io_.to_list_batch(table)
             for split, rows in io_.assign_splits(hashes, self._splits).items():
-                part = batch.take(pa.array(rows)) if len(rows) != batch.num_rows else batch
-                counts[split] = part.num_rows
-                if part.num_rows == 0:
+                counts[split] = len(rows)
+                if len(rows) == 0:
                     continue
+                # Take on the flat columns, then build lists: cheaper than taking from list arrays.
+                part = io_.to_list_batch(table.take(pa.array(rows)) if len(rows) != table.num_rows else table)
                 path_out = artifact_io.join(self._uri, f"Split-{split}", f"part-{index:05d}.parquet")
                 with FileSystems.create(path_out) as f:
                     pq.write_table(pa.Table.from_batches([part]), f, compression="snappy")
