@@ -19,7 +19,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
 from beam_pipeline import artifact_io, caching
@@ -103,7 +103,13 @@ def compile_run(
     start_ms = result.start_ms = int(time.time() * 1000)
     plans = _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms)
     options = PipelineOptions(list(pipeline.beam_pipeline_args) + list(beam_args))
-    p = beam.Pipeline(options=options)
+    runner = options.view_as(StandardOptions).runner
+    if runner is None or runner.lower() in ("fnapi", "fnapirunner"):
+        from runners.options import in_process_runner
+
+        p = beam.Pipeline(runner=in_process_runner(options), options=options)
+    else:
+        p = beam.Pipeline(options=options)
     build_graph(p, pipeline, plans, run_id)
     return CompiledRun(pipeline, p, plans, store, contexts, result, start_ms)
 

@@ -18,7 +18,9 @@ from collections.abc import Iterator, Sequence
 from beam_pipeline.ports import free_port
 
 PRESETS: dict[str, list[str]] = {
-    "direct": ["--runner=DirectRunner"],
+    # Beam's in-process FnApiRunner: what DirectRunner runs batch pipelines on, without DirectRunner's
+    # first attempt to download and start the Prism binary (see in_process_runner).
+    "direct": ["--runner=FnApiRunner"],
     # The caller names the job service: --job_endpoint=host:port (and an --environment_type).
     "portable": ["--runner=PortableRunner"],
     # Add --project, --region, --temp_location (gs://...) and --setup_file ./setup.py.
@@ -28,6 +30,22 @@ PRESETS: dict[str, list[str]] = {
     # Add --spark_master_url=spark://host:7077.
     "spark": ["--runner=SparkRunner"],
 }
+
+
+def in_process_runner(options):
+    """Beam's FnApiRunner, set up as DirectRunner sets it up when it falls back to it.
+
+    Since Beam 2.6x, DirectRunner first tries Prism, a Go runner it downloads from GitHub on first use:
+    offline that costs a failed download on every run, online it silently changes the runner. The
+    embedded default is this in-process runner, every time. `--runner=DirectRunner` still gets Beam's.
+    """
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    provision = beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(provision))
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 60) -> None:

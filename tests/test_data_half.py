@@ -234,3 +234,19 @@ def test_statistics_match_tfdv_generate_statistics_per_split(tmp_path, taxi_smal
                 assert g.string_stats.common_stats == f.string_stats.common_stats, name
                 assert g.string_stats.unique == f.string_stats.unique, name
                 assert g.string_stats.top_values == f.string_stats.top_values, name
+
+
+def test_default_runner_is_in_process_and_never_tries_prism(tmp_path, taxi_small_csv):
+    from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner
+    from apache_beam.runners.portability.fn_api_runner.fn_runner import FnApiRunner
+
+    from runners.options import PRESETS
+
+    default = launcher.compile_run(data_half(taxi_small_csv, tmp_path / "a"), ["--temp_location=/tmp/x"]).beam_pipeline
+    preset = launcher.compile_run(data_half(taxi_small_csv, tmp_path / "b"), PRESETS["direct"]).beam_pipeline
+    assert type(default.runner) is FnApiRunner and type(preset.runner) is FnApiRunner
+    # Its workers get the pipeline options, as DirectRunner hands them over when it picks this runner.
+    options = default.runner._provision_info.provision_info.pipeline_options.fields
+    assert options["beam:option:temp_location:v1"].string_value == "/tmp/x"
+    explicit = launcher.compile_run(data_half(taxi_small_csv, tmp_path / "c"), ["--runner=DirectRunner"])
+    assert isinstance(explicit.beam_pipeline.runner, SwitchingDirectRunner)
