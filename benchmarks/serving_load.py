@@ -152,9 +152,12 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     @classmethod
-    def model_server(cls, base_path: str, model_name: str, batching: bool, args: argparse.Namespace) -> ServerProcess:
+    def model_server(
+        cls, base_path: str, model_name: str, batching: bool, args: argparse.Namespace, workers: int = 1
+    ) -> ServerProcess:
         """`python -m beam_pipeline serve` with the benchmark's batching settings."""
         flags = {
+            "--workers": str(workers),
             "--model_base_path": base_path,
             "--model_name": model_name,
             "--port": "{port}",
@@ -288,13 +291,17 @@ def render(results: list[Result], meta: dict[str, Any]) -> str:
         )
     top = max(r.concurrency for r in results)
     batched, unbatched = by_key.get(("batching on", top)), by_key.get(("batching off", top))
-    if batched is not None:
-        ratio = batched.throughput / naive.throughput
+    multi = meta["multi_mode"]
+    for r in (by_key.get((multi, top)), batched):
+        if r is None:
+            continue
+        ratio = r.throughput / naive.throughput
         verdict = "met" if ratio >= TARGET_SPEEDUP else "NOT met"
         lines.append(
-            f"- batching on at concurrency {top} vs the naive loop: {ratio:.2f}x throughput; "
+            f"- {r.mode} at concurrency {top} vs the naive loop: {ratio:.2f}x throughput; "
             f"target >= {TARGET_SPEEDUP:g}x: {verdict}."
         )
+    if batched is not None:
         if unbatched is not None:
             lines.append(
                 f"- batching on vs off at concurrency {top}: "
@@ -353,6 +360,9 @@ def main() -> None:
     parser.add_argument("--max_batch_size", type=int, default=64)
     parser.add_argument("--batch_timeout_ms", type=float, default=1.0)
     parser.add_argument("--generator", choices=["auto", "wrk", "httpx"], default="auto")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="server processes for the multi-worker runs"
+    )
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not update RESULTS.md")
     args = parser.parse_args()
 
@@ -367,15 +377,19 @@ def main() -> None:
         body = request_body(version_dir)
         results = [naive_loop(version_dir, body, args.duration, args.max_requests)]
         print(f"naive loop: {results[0].throughput:,.0f} req/s, p50 {results[0].p50_ms:.2f} ms", flush=True)
-        servers = [
-            ("batching on", ServerProcess.model_server(base_path, args.model_name, True, args), args.concurrency),
-            ("batching off", ServerProcess.model_server(base_path, args.model_name, False, args), args.concurrency),
-            ("no-op uvicorn app (ceiling)", ServerProcess(["-c", _NOOP_APP, "{port}"], "x"), [max(args.concurrency)]),
+        multi_mode = f"batching on, {args.workers} workers"
+        name, levels = args.model_name, args.concurrency
+        servers = [  # started one at a time, so an idle server never shares the CPUs with a timed run
+            (multi_mode, lambda: ServerProcess.model_server(base_path, name, True, args, args.workers), levels),
+            ("batching on", lambda: ServerProcess.model_server(base_path, name, True, args), levels),
+            ("batching off", lambda: ServerProcess.model_server(base_path, name, False, args), levels),
+            ("no-op uvicorn app (ceiling)", lambda: ServerProcess(["-c", _NOOP_APP, "{port}"], "x"), [max(levels)]),
         ]
-        for mode, server, concurrencies in servers:
-            with server:
+        for mode, start_server, concurrencies in servers:
+            with start_server() as server:
                 url = f"{server.url}:predict"
-                drive(url, body, 4, 2.0, 2000, "warm-up")
+                # At full concurrency, so every worker process is up and warm before the timed runs.
+                drive(url, body, max(args.concurrency), 5.0, 20000, "warm-up")
                 for concurrency in concurrencies:
                     r = drive(url, body, concurrency, args.duration, args.max_requests, mode)
                     results.append(r)
@@ -392,6 +406,7 @@ def main() -> None:
             "max_requests": args.max_requests,
             "cpus": os.cpu_count(),
             "load": load,
+            "multi_mode": multi_mode,
             "call_ms": call_cost_ms(version_dir, body, 1),
             "call64_ms": call_cost_ms(version_dir, body, 64),
         }

@@ -73,6 +73,14 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     help="Version labels such as stable=3,canary=4; labelled versions are kept loaded.",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port, each with its own copy of the model and its own batching "
+    "(processes, not threads, are how Python uses more cores).",
+)
+@click.option(
     "--log_level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
 def serve(
@@ -87,6 +95,7 @@ def serve(
     max_request_bytes: int,
     num_versions: int,
     model_version_labels: dict[str, int],
+    workers: int,
     log_level: str,
 ) -> None:
     """Serve the pushed SavedModels under MODEL_BASE_PATH over TF Serving's REST API."""
@@ -100,6 +109,7 @@ def serve(
             host=host,
             port=port,
             log_level=log_level,
+            workers=workers,
             enable_batching=enable_batching,
             max_batch_size=max_batch_size,
             batch_timeout_ms=batch_timeout_ms,

@@ -154,7 +154,14 @@ def decode_instances(instances: Any, sig: SignatureInfo) -> dict[str, np.ndarray
             _raise_key_mismatch(f"instances[{i}]", row.keys(), names.keys())
         for name, value in row.items():
             columns[name].append(value)
-    return {name: to_array(name, columns[name], info) for name, info in names.items()}
+    return {name: _column(name, columns[name], info) for name, info in names.items()}
+
+
+def _column(name: str, values: list[Any], info: TensorInfo) -> np.ndarray:
+    # The usual serving input is one scalar per row (shape [None]): skip to_array's shape walk.
+    if info.shape is not None and len(info.shape) == 1 and not any(type(v) is list for v in values):
+        return _scalars(name, values, info)
+    return to_array(name, values, info)
 
 
 def decode_inputs(inputs: Any, sig: SignatureInfo) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -340,6 +341,21 @@ def create_app(model_base_path: str, model_name: str, **options: Any) -> Starlet
     return app
 
 
+_WORKER_SETTINGS_ENV = "BEAM_PIPELINE_SERVE_SETTINGS"
+
+
+def app_from_env() -> Starlette:
+    """App factory run in each worker process of `serve(workers=N)`, which passes its settings in the environment."""
+    settings = json.loads(os.environ[_WORKER_SETTINGS_ENV])
+    _set_log_level(settings.pop("log_level"))
+    return create_app(**settings)
+
+
+def _set_log_level(log_level: str) -> None:
+    logging.basicConfig(format="%(levelname)s:     %(name)s: %(message)s")  # a no-op if logging is set up
+    logging.getLogger("beam_pipeline.serving").setLevel(log_level.upper())
+
+
 def serve(
     model_base_path: str,
     model_name: str,
@@ -347,10 +363,30 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8501,
     log_level: str = "info",
+    workers: int = 1,
     **options: Any,
 ) -> None:
-    """Serve until interrupted (blocking). `options` are ServerConfig fields."""
-    logging.basicConfig(format="%(levelname)s:     %(name)s: %(message)s")  # a no-op if logging is set up
-    logging.getLogger("beam_pipeline.serving").setLevel(log_level.upper())
-    app = create_app(model_base_path, model_name, **options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    """Serve until interrupted (blocking). `options` are ServerConfig fields.
+
+    `workers` > 1 runs that many server processes on the port (uvicorn's supervisor): each loads the
+    model and batches on its own. Python runs one thread at a time, so processes are how one server
+    uses more than one core for request handling; the price is memory, one copy of the model each.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    _set_log_level(log_level)
+    app = create_app(model_base_path, model_name, **options)  # also checks the settings, once, here
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+        return
+    settings = {"model_base_path": model_base_path, "model_name": model_name, "log_level": log_level, **options}
+    os.environ[_WORKER_SETTINGS_ENV] = json.dumps(settings)
+    uvicorn.run(
+        f"{__name__}:app_from_env",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -71,6 +72,50 @@ def test_serve_command(base_path, push, tmp_path):
             assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V2_BIAS), rel=1e-6)
             r = client.post(f"{url}/labels/stable:predict", json={"instances": [ROW]})
             assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V1_BIAS), rel=1e-6)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        returncode = proc.wait(timeout=60)
+        log.seek(0)
+        output = log.read()
+    assert returncode == 0, output
+
+
+
+def _spawned_children(pid: int) -> int:
+    """Worker processes multiprocessing spawned under `pid` (not its resource tracker)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = f.read().split()
+    count = 0
+    for child in children:
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{child}/cmdline", "rb") as f:
+            count += b"spawn_main" in f.read()
+    return count
+
+
+def test_serve_command_with_two_worker_processes(base_path, push, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "server.log", "w+")
+    cmd = [sys.executable, "-m", "beam_pipeline", "serve", "--model_base_path", base_path, "--model_name", "taxi"]
+    cmd += ["--port", str(port), "--poll_interval_s", "0.2", "--workers", "2"]
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/v1/models/taxi"
+
+    def scores() -> list[float]:
+        # A new connection per request, so the kernel spreads them over both processes.
+        return [
+            httpx.post(f"{url}:predict", json={"instances": [ROW]}, timeout=30).json()["predictions"][0][0]
+            for _ in range(20)
+        ]
+
+    try:
+        wait_for(lambda: httpx.get(url, timeout=30).status_code == 200, "the server is up", proc)
+        wait_for(lambda: _spawned_children(proc.pid) == 2, "two worker processes run", proc)
+        v1, v2 = expected_score(2.0, "Cash", V1_BIAS), expected_score(2.0, "Cash", V2_BIAS)
+        assert scores() == pytest.approx([v1] * 20, rel=1e-6)
+        push(base_path, 2)
+        # Each process polls the base path on its own: wait until every answer comes from version 2.
+        wait_for(lambda: scores() == pytest.approx([v2] * 20, rel=1e-6), "both processes serve version 2", proc)
     finally:
         proc.send_signal(signal.SIGINT)
         returncode = proc.wait(timeout=60)
