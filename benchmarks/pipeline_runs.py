@@ -59,7 +59,7 @@ def main() -> None:
         write_section(
             "Full taxi pipeline: cold and unchanged rerun",
             f"`python benchmarks/pipeline_runs.py --train-steps {args.train_steps}` "
-            f"(DirectRunner, {os.cpu_count()} cores)\n\n" + text,
+            f"(default runner: Beam's in-process FnApiRunner, {os.cpu_count()} cores)\n\n" + text,
         )
 
 
