@@ -376,14 +376,12 @@ def serve(
         raise ValueError(f"workers must be >= 1, got {workers}")
     _set_log_level(log_level)
     app = create_app(model_base_path, model_name, **options)  # also checks the settings, once, here
-    if workers == 1:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
-        return
-    settings = {"model_base_path": model_base_path, "model_name": model_name, "log_level": log_level, **options}
-    os.environ[_WORKER_SETTINGS_ENV] = json.dumps(settings)
+    if workers > 1:  # uvicorn's supervisor starts the workers, each building its app from the environment
+        settings = {"model_base_path": model_base_path, "model_name": model_name, "log_level": log_level, **options}
+        os.environ[_WORKER_SETTINGS_ENV] = json.dumps(settings)
     uvicorn.run(
-        f"{__name__}:app_from_env",
-        factory=True,
+        app if workers == 1 else f"{__name__}:app_from_env",
+        factory=workers > 1,
         workers=workers,
         host=host,
         port=port,
