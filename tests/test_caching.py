@@ -9,9 +9,10 @@ import apache_beam as beam
 import pytest
 
 from beam_pipeline import Pipeline, launcher
-from beam_pipeline.artifacts import STATISTICS
+from beam_pipeline.artifacts import EXAMPLES, STATISTICS
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import PipelineRunError
+from tests.helpers import executions_by_state, store_at
 from transforms.example_gen import ExampleGen
 from transforms.schema_gen import SchemaGen
 from transforms.statistics_gen import StatisticsGen
@@ -41,6 +42,31 @@ class _FailWhileFileExists(Component):
         done = [pc | f"Check[{s}]" >> beam.Map(check, s) for s, pc in inputs["statistics"].items()]
         self.ctx.publish("report", done | beam.Flatten())
         return {"report": inputs["statistics"]}
+
+
+class _FusedFlaky(Component):
+    """Test component fused with its producer: fails while a flag file exists, else counts the rows."""
+
+    INPUTS = {"examples": InputSpec(EXAMPLES)}
+    OUTPUTS = {"report": STATISTICS}
+    FUSE_WITH_PRODUCERS = True
+
+    def __init__(self, *, examples: Channel, flag: str):
+        super().__init__(inputs={"examples": examples}, params={}, component_id="FusedFlaky")
+        self._flag = flag
+
+    def expand(self, inputs):
+        flag = self._flag
+
+        def check(batch):
+            if os.path.exists(flag):
+                raise RuntimeError(f"flaky failure ({flag} exists)")
+            return batch.num_rows
+
+        rows = [pc | f"Check[{s}]" >> beam.Map(check) for s, pc in inputs["examples"].items()]
+        total = rows | beam.Flatten() | beam.CombineGlobally(sum)
+        self.ctx.publish("report", total | beam.Map(lambda n: {"rows": n}))
+        return {"report": total}
 
 
 def _pipeline(data, root, **kwargs) -> Pipeline:
@@ -137,3 +163,26 @@ def test_resume_after_a_failure_reuses_what_completed(tmp_path, data):
     flag.unlink()
     resumed = launcher.run(pipeline())
     assert _states(resumed) == {"ExampleGen": "CACHED", "StatisticsGen": "CACHED", "Flaky": "COMPLETE"}
+
+
+def test_a_fused_consumer_failing_takes_its_producer_with_it(tmp_path, data):
+    """FUSE_WITH_PRODUCERS trades resume granularity for speed: the producer fails too, and nothing is published."""
+    flag = tmp_path / "fail"
+    flag.write_text("x")
+
+    def pipeline():
+        gen = ExampleGen(input_base=str(data))
+        fused = _FusedFlaky(examples=gen.outputs.examples, flag=str(flag))
+        return Pipeline("fused", str(tmp_path / "root"), [gen, fused])
+
+    with pytest.raises(PipelineRunError, match="flaky failure"):
+        launcher.run(pipeline())
+    store = store_at(tmp_path / "root")
+    assert executions_by_state(store) == {"FAILED": ["ExampleGen", "FusedFlaky"]}
+    assert store.latest_artifacts("Examples", "fused") == []
+    assert not os.listdir(tmp_path / "root" / "ExampleGen" / "examples")  # its half-written files are gone
+    flag.unlink()
+    again = launcher.run(pipeline())
+    assert _states(again) == {"ExampleGen": "COMPLETE", "FusedFlaky": "COMPLETE"}
+    rows = again.artifact("ExampleGen", "examples").properties["row_counts"]
+    assert again.artifact("FusedFlaky", "report").properties["rows"] == sum(rows.values())
