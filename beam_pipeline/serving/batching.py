@@ -65,8 +65,9 @@ class Batcher:
         """Run `inputs` (all with `rows` rows along dimension 0) as part of a batch; return its own rows."""
         if rows == 0 or rows > self.max_batch_size:
             return await self._runner(servable, signature, inputs)
-        # Only arrays whose other dimensions agree can be concatenated along dimension 0.
-        key = (id(servable), signature, tuple((k, v.shape[1:], v.dtype) for k, v in sorted(inputs.items())))
+        # Only arrays whose other dimensions agree can be concatenated along dimension 0. (Names and
+        # dtypes are the signature's: the codec builds every input dict in the signature's order.)
+        key = (id(servable), signature, *[v.shape[1:] for v in inputs.values()])
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue(servable, signature)

@@ -387,4 +387,5 @@ def serve(
         port=port,
         log_level=log_level,
         access_log=False,
+        proxy_headers=False,  # nothing here reads the client address that X-Forwarded-For would rewrite
     )
