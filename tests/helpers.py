@@ -10,6 +10,17 @@ from beam_pipeline import Pipeline, launcher
 from beam_pipeline.metadata import MetadataStore
 
 
+def in_process_pipeline():
+    """A bare Beam pipeline on the runner the launcher uses by default (never DirectRunner's Prism attempt)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from runners.options import in_process_runner
+
+    options = PipelineOptions()
+    return beam.Pipeline(runner=in_process_runner(options), options=options)
+
+
 def run_components(root, components, name="test", beam_args=(), **kwargs):
     pipeline = Pipeline(name, str(root), components)
     return launcher.run(pipeline, list(beam_args), **kwargs)

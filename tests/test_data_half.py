@@ -10,7 +10,7 @@ from tensorflow_metadata.proto.v0 import statistics_pb2
 
 from beam_pipeline import Pipeline, artifact_io, launcher
 from beam_pipeline.errors import AnomaliesFoundError
-from tests.helpers import executions_by_state, store_at
+from tests.helpers import executions_by_state, in_process_pipeline, store_at
 from transforms import _example_io
 from transforms.example_gen import ExampleGen
 from transforms.example_validator import ExampleValidator
@@ -144,9 +144,9 @@ def test_halt_on_anomalies_fails_with_summary_and_publishes_nothing_downstream(t
 
 @pytest.mark.slow
 def test_portable_runner_gives_the_same_statistics(tmp_path, taxi_small_csv):
-    from runners.options import local_portable_services
+    from runners.options import PRESETS, local_portable_services
 
-    direct = launcher.run(data_half(taxi_small_csv, tmp_path / "direct"), ["--runner=DirectRunner"])
+    direct = launcher.run(data_half(taxi_small_csv, tmp_path / "direct"), PRESETS["direct"])
     with local_portable_services() as args:
         portable = launcher.run(data_half(taxi_small_csv, tmp_path / "portable"), args)
     for split in ("train", "eval"):
@@ -211,7 +211,7 @@ def test_statistics_match_tfdv_generate_statistics_per_split(tmp_path, taxi_smal
     for split in ("train", "eval"):
         batches = pq.read_table(os.path.join(examples.uri, f"Split-{split}")).to_batches()
         out = str(tmp_path / f"{split}.tfrecord")
-        with beam.Pipeline() as p:
+        with in_process_pipeline() as p:
             _ = (
                 p
                 | beam.Create(batches, reshuffle=False)

@@ -23,6 +23,7 @@ from google.protobuf import json_format
 from beam_pipeline.artifacts import EXAMPLES, MODEL, MODEL_BLESSING, Artifact
 from beam_pipeline.dsl import Component, ComponentContext
 from beam_pipeline.errors import InputDataError, MetadataError, PipelineDefinitionError
+from tests.helpers import in_process_pipeline, run_components
 from transforms import evaluator as ev
 from transforms.pusher import Pusher
 
@@ -176,7 +177,7 @@ def _read(path: str) -> str:
 def _run_evaluator(root, model_uri, config, *, baseline: Artifact | None = None, pusher_dir=None, **kwargs):
     src = _channels()
     evaluator = ev.Evaluator(examples=src.outputs.examples, model=src.outputs.model, eval_config=config, **kwargs)
-    with beam.Pipeline() as p:
+    with in_process_pipeline() as p:
         model = p | "Model" >> beam.Create([Artifact(MODEL, model_uri, {})])
         examples = {
             "train": p | "Train" >> beam.Create([_batch(50, 1)]),
@@ -438,7 +439,6 @@ def test_serialized_examples_leave_missing_values_absent():
 # -- end to end ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_taxi_pipeline_blesses_pushes_then_reuses_everything_when_unchanged(tmp_path, taxi_small_csv):
-    from tests.helpers import run_components
     from transforms.example_gen import ExampleGen
     from transforms.schema_gen import SchemaGen
     from transforms.statistics_gen import StatisticsGen

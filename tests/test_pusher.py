@@ -12,6 +12,7 @@ import pytest
 from beam_pipeline.artifacts import MODEL, MODEL_BLESSING, PUSHED_MODEL, Artifact
 from beam_pipeline.dsl import Component, ComponentContext
 from beam_pipeline.errors import PipelineDefinitionError
+from tests.helpers import in_process_pipeline
 from transforms import pusher as pu
 
 
@@ -81,7 +82,7 @@ def _run(pusher: pu.Pusher, model: Artifact, blessing: Artifact, root, resolved=
         resolved=resolved or {},
         commit_factory=commit,
     )
-    with beam.Pipeline() as p:
+    with in_process_pipeline() as p:
         inputs = {"model": p | "Model" >> beam.Create([model]), "blessing": p | "Blessing" >> beam.Create([blessing])}
         pusher.bind(ctx)
         try:

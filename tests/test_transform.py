@@ -23,6 +23,7 @@ from beam_pipeline.artifacts import Artifact
 from beam_pipeline.compiler import ComponentPlan, _commit_factory
 from beam_pipeline.dsl import Channel, Component, ComponentContext
 from beam_pipeline.errors import InputDataError, UserModuleError
+from tests.helpers import in_process_pipeline
 from transforms import _example_io
 from transforms.example_gen import ExampleGen
 from transforms.schema_gen import SchemaGen
@@ -75,7 +76,7 @@ def run_component(
     static = component.static_outputs(input_static)
     uris = {out: os.path.join(out_dir, component.id, out) for out in component.OUTPUTS}
     plan = ComponentPlan(component, static, resolved or {}, output_uris=uris)
-    with beam.Pipeline() as p:
+    with in_process_pipeline() as p:
         inputs, committed = make_inputs(p)
         component.bind(
             ComponentContext(
