@@ -143,13 +143,16 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", a
 class ServerProcess:
     """A server in a subprocess on a free loopback port; stopped with SIGINT like a user's Ctrl-C."""
 
-    def __init__(self, args: list[str], model_name: str):
+    def __init__(self, args: list[str], model_name: str, processes: int = 1):
+        self.processes = processes  # server processes to wait for (each logs its startup at info level)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1/models/{model_name}"
-        self.log = tempfile.TemporaryFile("w+")
+        self.log = tempfile.NamedTemporaryFile("w+")  # closed in __exit__
         cmd = [sys.executable, *[a.replace("{port}", str(self.port)) for a in args]]
         env = {**os.environ, "PYTHONPATH": ROOT}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        # The server appends (O_APPEND), so reading the log here never moves where it writes.
+        with open(self.log.name, "a") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     @classmethod
     def model_server(
@@ -161,12 +164,12 @@ class ServerProcess:
             "--model_base_path": base_path,
             "--model_name": model_name,
             "--port": "{port}",
-            "--log_level": "warning",
+            "--log_level": "info",  # uvicorn logs each worker's "Application startup complete."
             "--max_batch_size": str(args.max_batch_size),
             "--batch_timeout_ms": str(args.batch_timeout_ms),
         }
         cmd = ["-m", "beam_pipeline", "serve", *[x for kv in flags.items() for x in kv]]
-        return cls([*cmd, "--enable_batching" if batching else "--no-enable_batching"], model_name)
+        return cls([*cmd, "--enable_batching" if batching else "--no-enable_batching"], model_name, workers)
 
     def __enter__(self) -> ServerProcess:
         for _ in range(1200):
@@ -174,12 +177,19 @@ class ServerProcess:
                 self.log.seek(0)
                 raise SystemExit(f"server exited with {self.proc.returncode}:\n{self.log.read()}")
             try:
-                if httpx.get(self.url, timeout=5).status_code == 200:
+                if httpx.get(self.url, timeout=5).status_code == 200 and self._started() >= self.processes:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
         raise SystemExit("server did not come up in 120 s")
+
+    def _started(self) -> int:
+        """How many server processes finished starting (a worker still loading the model steals CPU)."""
+        if self.processes == 1:
+            return 1
+        self.log.seek(0)
+        return self.log.read().count("Application startup complete.")
 
     def __exit__(self, *_exc: object) -> None:
         self.proc.send_signal(signal.SIGINT)
