@@ -38,47 +38,37 @@ def wait_for(condition, what: str, proc: subprocess.Popen | None = None) -> None
     raise AssertionError(f"timed out waiting until {what}")
 
 
-def test_serve_command(base_path, push, tmp_path):
+@contextlib.contextmanager
+def _serve_command(base_path: str, log_path, *flags: str):
+    """`beam-pipeline serve` in a subprocess on a free port; yields (process, model URL); it must exit 0 on SIGINT."""
     port = free_port()
-    log = open(tmp_path / "server.log", "w+")
-    cmd = [
-        sys.executable,
-        "-m",
-        "beam_pipeline",
-        "serve",
-        "--model_base_path",
-        base_path,
-        "--model_name",
-        "taxi",
-        "--port",
-        str(port),
-        "--poll_interval_s",
-        "0.2",
-        "--model_version_labels",
-        "stable=1",
-    ]
+    cmd = [sys.executable, "-m", "beam_pipeline", "serve", "--model_base_path", base_path, "--model_name", "taxi"]
+    cmd += ["--port", str(port), *flags]
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/v1/models/taxi"
-    try:
-        with httpx.Client(timeout=30) as client:
-            wait_for(lambda: client.get(url).status_code == 200, "the server is up", proc)
-            r = client.post(f"{url}:predict", json={"instances": [ROW]})
-            assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V1_BIAS), rel=1e-6)
-
-            push(base_path, 2)
-            wait_for(lambda: client.get(f"{url}/versions/2").status_code == 200, "version 2 is loaded", proc)
-            r = client.post(f"{url}:predict", json={"instances": [ROW]})
-            assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V2_BIAS), rel=1e-6)
-            r = client.post(f"{url}/labels/stable:predict", json={"instances": [ROW]})
-            assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V1_BIAS), rel=1e-6)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        returncode = proc.wait(timeout=60)
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            yield proc, f"http://127.0.0.1:{port}/v1/models/taxi"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            returncode = proc.wait(timeout=60)
         log.seek(0)
-        output = log.read()
-    assert returncode == 0, output
+        assert returncode == 0, log.read()
 
+
+def test_serve_command(base_path, push, tmp_path):
+    flags = ["--poll_interval_s", "0.2", "--model_version_labels", "stable=1"]
+    with _serve_command(base_path, tmp_path / "server.log", *flags) as (proc, url), httpx.Client(timeout=30) as client:
+        wait_for(lambda: client.get(url).status_code == 200, "the server is up", proc)
+        r = client.post(f"{url}:predict", json={"instances": [ROW]})
+        assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V1_BIAS), rel=1e-6)
+
+        push(base_path, 2)
+        wait_for(lambda: client.get(f"{url}/versions/2").status_code == 200, "version 2 is loaded", proc)
+        r = client.post(f"{url}:predict", json={"instances": [ROW]})
+        assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V2_BIAS), rel=1e-6)
+        r = client.post(f"{url}/labels/stable:predict", json={"instances": [ROW]})
+        assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V1_BIAS), rel=1e-6)
 
 
 def _spawned_children(pid: int) -> int:
@@ -93,22 +83,16 @@ def _spawned_children(pid: int) -> int:
 
 
 def test_serve_command_with_two_worker_processes(base_path, push, tmp_path):
-    port = free_port()
-    log = open(tmp_path / "server.log", "w+")
-    cmd = [sys.executable, "-m", "beam_pipeline", "serve", "--model_base_path", base_path, "--model_name", "taxi"]
-    cmd += ["--port", str(port), "--poll_interval_s", "0.2", "--workers", "2"]
-    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/v1/models/taxi"
+    flags = ["--poll_interval_s", "0.2", "--workers", "2"]
+    with _serve_command(base_path, tmp_path / "server.log", *flags) as (proc, url):
 
-    def scores() -> list[float]:
-        # A new connection per request, so the kernel spreads them over both processes.
-        return [
-            httpx.post(f"{url}:predict", json={"instances": [ROW]}, timeout=30).json()["predictions"][0][0]
-            for _ in range(20)
-        ]
+        def scores() -> list[float]:
+            # A new connection per request, so the kernel spreads them over both processes.
+            return [
+                httpx.post(f"{url}:predict", json={"instances": [ROW]}, timeout=30).json()["predictions"][0][0]
+                for _ in range(20)
+            ]
 
-    try:
         wait_for(lambda: httpx.get(url, timeout=30).status_code == 200, "the server is up", proc)
         wait_for(lambda: _spawned_children(proc.pid) == 2, "two worker processes run", proc)
         v1, v2 = expected_score(2.0, "Cash", V1_BIAS), expected_score(2.0, "Cash", V2_BIAS)
@@ -116,12 +100,6 @@ def test_serve_command_with_two_worker_processes(base_path, push, tmp_path):
         push(base_path, 2)
         # Each process polls the base path on its own: wait until every answer comes from version 2.
         wait_for(lambda: scores() == pytest.approx([v2] * 20, rel=1e-6), "both processes serve version 2", proc)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        returncode = proc.wait(timeout=60)
-        log.seek(0)
-        output = log.read()
-    assert returncode == 0, output
 
 
 def test_bad_flags_are_usage_errors(tmp_path):
