@@ -14,8 +14,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from beam_pipeline.ports import free_port
+
+if TYPE_CHECKING:
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner.fn_runner import FnApiRunner
 
 PRESETS: dict[str, list[str]] = {
     # Beam's in-process FnApiRunner: what DirectRunner runs batch pipelines on, without DirectRunner's
@@ -32,7 +37,7 @@ PRESETS: dict[str, list[str]] = {
 }
 
 
-def in_process_runner(options):
+def in_process_runner(options: PipelineOptions) -> FnApiRunner:
     """Beam's FnApiRunner, set up as DirectRunner sets it up when it falls back to it.
 
     Since Beam 2.6x, DirectRunner first tries Prism, a Go runner it downloads from GitHub on first use:
