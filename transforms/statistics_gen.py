@@ -13,9 +13,6 @@ from beam_pipeline.artifacts import EXAMPLES, STATISTICS
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import PipelineDefinitionError
 
-# Slice keys are "<split>" for a whole split and "<split><_SEP><tfdv slice key>" for a feature slice.
-_SEP = "\x1f"
-
 
 class StatisticsGen(Component):
     """TFDV statistics per split; output `{split: PCollection[DatasetFeatureStatisticsList]}`.
@@ -70,10 +67,9 @@ class StatisticsGen(Component):
         for split, b in batches.items():
             stats = (
                 b
-                | f"Slice[{split}]"
-                >> beam.FlatMap(_slices, split, self.params["slice_features"], self.params["sample_rate"])
+                | f"Slice[{split}]" >> beam.FlatMap(_slices, self.params["slice_features"], self.params["sample_rate"])
                 | f"Stats[{split}]" >> stats_impl.GenerateSlicedStatisticsImpl(options, is_slicing_enabled=True)
-                | f"Pick[{split}]" >> beam.Map(_pick, split)
+                | f"Name[{split}]" >> beam.Map(_name_split, split)
             )
             out[split] = stats
             written.append(
@@ -92,37 +88,32 @@ class StatisticsGen(Component):
 
 
 def _slices(
-    batch: pa.RecordBatch, split: str, slice_features: Sequence[str], sample_rate: float | None
+    batch: pa.RecordBatch, slice_features: Sequence[str], sample_rate: float | None
 ) -> Iterator[tuple[str, pa.RecordBatch]]:
+    from tensorflow_data_validation import constants
+
     if sample_rate is not None and sample_rate < 1:
         # Rows, not whole batches (what tfdv's own sample_rate drops): a batch here is a whole block.
         batch = batch.filter(pa.array(np.random.default_rng().random(batch.num_rows) < sample_rate))
-    yield split, batch
+    yield constants.DEFAULT_SLICE_KEY, batch
     if slice_features:
         from tensorflow_data_validation.utils import slicing_util
 
-        slicer = slicing_util.get_feature_value_slicer({f: None for f in slice_features})
-        for key, part in slicer(batch):
-            yield f"{split}{_SEP}{key}", part
+        yield from slicing_util.get_feature_value_slicer({f: None for f in slice_features})(batch)
 
 
-def _pick(stats, split: str):
-    """One split's datasets from the merged proto: the whole split (named after it) first, then its slices."""
+def _name_split(stats, split: str):
+    """The whole split's dataset is named after the split (as TFDV's views label it) and comes first."""
+    from tensorflow_data_validation import constants
     from tensorflow_metadata.proto.v0 import statistics_pb2
 
-    whole, sliced = None, []
-    for dataset in stats.datasets:
-        if dataset.name == split:
-            whole = dataset
-        elif dataset.name.startswith(split + _SEP):
-            sliced.append(dataset)
+    whole = [d for d in stats.datasets if d.name == constants.DEFAULT_SLICE_KEY]
     result = statistics_pb2.DatasetFeatureStatisticsList()
-    if whole is not None:
-        result.datasets.add().CopyFrom(whole)
-    else:  # no rows reached this split: an empty dataset, as tfdv gives for empty input
-        result.datasets.add(name=split, num_examples=0)
-    for dataset in sorted(sliced, key=lambda d: d.name):
-        copy = result.datasets.add()
-        copy.CopyFrom(dataset)
-        copy.name = dataset.name[len(split) + len(_SEP) :]
+    first = result.datasets.add()
+    if whole:
+        first.CopyFrom(whole[0])
+    first.name = split  # with no rows there is no dataset: an empty one, as tfdv gives for empty input
+    for dataset in sorted(stats.datasets, key=lambda d: d.name):
+        if dataset.name != constants.DEFAULT_SLICE_KEY:
+            result.datasets.add().CopyFrom(dataset)
     return result
