@@ -311,12 +311,10 @@ def render(results: list[Result], meta: dict[str, Any]) -> str:
             f"- {r.mode} at concurrency {top} vs the naive loop: {ratio:.2f}x throughput; "
             f"target >= {TARGET_SPEEDUP:g}x: {verdict}."
         )
-    if batched is not None:
-        if unbatched is not None:
-            lines.append(
-                f"- batching on vs off at concurrency {top}: "
-                f"{batched.throughput / unbatched.throughput:.2f}x throughput."
-            )
+    if batched is not None and unbatched is not None:
+        lines.append(
+            f"- batching on vs off at concurrency {top}: {batched.throughput / unbatched.throughput:.2f}x throughput."
+        )
     ceiling = by_key.get(("no-op uvicorn app (ceiling)", top))
     if ceiling is not None:
         lines.append(
@@ -398,7 +396,7 @@ def main() -> None:
         for mode, start_server, concurrencies in servers:
             with start_server() as server:
                 url = f"{server.url}:predict"
-                # At full concurrency, so every worker process is up and warm before the timed runs.
+                # At full concurrency, so every worker process has served (and warmed up) before the timed runs.
                 drive(url, body, max(args.concurrency), 5.0, 20000, "warm-up")
                 for concurrency in concurrencies:
                     r = drive(url, body, concurrency, args.duration, args.max_requests, mode)
