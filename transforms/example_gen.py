@@ -66,59 +66,76 @@ class ExampleGen(Component):
             },
             component_id=component_id,
         )
-        self._files: list[str] | None = None
-        self._schema: pa.Schema | None = None
+        # static_outputs' digests, handed to the external_fingerprint call that follows it in the same
+        # plan (one read of the data for both); used only if the files are unchanged, and only once.
+        self._digest_handoff: tuple[tuple, dict[str, str]] | None = None
 
-    # -- compile time ------------------------------------------------------------------------------
+    # -- compile time (recomputed on every call: a Pipeline object may run again on new files) --------
     @property
     def files(self) -> list[str]:
-        if self._files is None:
-            self._files = io_.match_files(self.params["input_base"])
-        return self._files
+        return io_.match_files(self.params["input_base"])
 
     def external_fingerprint(self, inputs=None) -> str:
+        files = self.files
+        handoff, self._digest_handoff = self._digest_handoff, None
+        digests = handoff[1] if handoff is not None and handoff[0] == _stamps(files) else {}
         h = hashlib.blake2b(digest_size=16)
-        for path in self.files:
+        for path in files:
             h.update(path.encode())
-            h.update(caching.file_fingerprint(path).encode())
+            h.update((digests.get(path) or caching.file_fingerprint(path)).encode())
         return h.hexdigest()
 
     def flat_schema(self) -> pa.Schema:
-        """Column types decided once, at compile time, and enforced on every block."""
-        if self._schema is None:
-            fmt = self.params["format"]
-            if fmt == "csv":
-                self._schema = io_.infer_csv_types(self.files, self.params["column_types"])
-            elif fmt == "parquet":
-                self._schema = _same_parquet_schema(self.files)
-            else:
-                self._schema = _tfrecord_schema(self.files)
-            feature = self.params["partition_feature"]
-            if feature and feature not in self._schema.names:
-                raise InputDataError(
-                    f"partition_feature {feature!r} is not a column of {self.files[0]}: {self._schema.names}"
-                )
-        return self._schema
+        """Column types, decided at compile time and enforced on every block."""
+        return self._plan_input(self.files)[0]
+
+    def _plan_input(self, files: list[str]) -> tuple[pa.Schema, list[str]]:
+        """(flat schema, notes on widened column types) of `files`; a CSV scan also hands over digests."""
+        fmt, notes = self.params["format"], []
+        if fmt == "csv":
+            stamps = _stamps(files)
+            scan = io_.scan_csv(files, self.params["column_types"])
+            schema, notes = scan.schema, list(scan.notes)
+            self._digest_handoff = (stamps, scan.digests)
+        elif fmt == "parquet":
+            schema = _same_parquet_schema(files)
+        else:
+            schema = _tfrecord_schema(files)
+        feature = self.params["partition_feature"]
+        if feature and feature not in schema.names:
+            raise InputDataError(f"partition_feature {feature!r} is not a column of {files[0]}: {schema.names}")
+        return schema, notes
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        files = self.files
+        schema, notes = self._plan_input(files)
         return {
-            "examples": {"arrow_schema": io_.list_schema(self.flat_schema()), "splits": list(self.params["splits"])}
+            "examples": {
+                "arrow_schema": io_.list_schema(schema),
+                "splits": list(self.params["splits"]),
+                # What expand() reads: this run's files and types, not an earlier run's.
+                "files": files,
+                "flat_schema": schema,
+                "column_type_notes": notes,
+            }
         }
 
     # -- graph ---------------------------------------------------------------------------------------
     def expand(self, pbegin):
         uri = self.ctx.output_uri("examples")
+        static = self.ctx.output_static["examples"]
+        files, notes = static["files"], static["column_type_notes"]
         splits = list(self.params["splits"])
         fmt = self.params["format"]
         if fmt == "csv":
-            units = [r for f in self.files for r in io_.byte_ranges(f, self.params["block_size_bytes"])]
+            units = [r for f in files for r in io_.byte_ranges(f, self.params["block_size_bytes"])]
         elif fmt == "parquet":
-            units = [r for f in self.files for r in io_.parquet_row_groups(f)]
+            units = [r for f in files for r in io_.parquet_row_groups(f)]
         else:
-            units = [(f, 0, 0) for f in self.files]
+            units = [(f, 0, 0) for f in files]
         read = _ReadSplitWrite(
             fmt=fmt,
-            schema=self.flat_schema(),
+            schema=static["flat_schema"],
             splits=dict(self.params["splits"]),
             partition_feature=self.params["partition_feature"],
             on_bad_record=self.params["on_bad_record"],
@@ -132,11 +149,12 @@ class ExampleGen(Component):
         )
         counts = tagged[_COUNTS] | "SumCounts" >> beam.CombineGlobally(_sum_counts)
         properties = counts | "Properties" >> beam.Map(
-            lambda c, names=tuple(splits): {
+            lambda c, names=tuple(splits), notes=tuple(notes): {
                 "split_names": list(names),
                 "row_counts": {s: c.get(s, 0) for s in names},
                 "bad_records": c.get(_BAD, 0),
                 "payload_format": "parquet",
+                "column_type_notes": list(notes),
             }
         )
         self.ctx.publish("examples", properties)
@@ -189,6 +207,12 @@ class _ReadSplitWrite(beam.DoFn):
                     pq.write_table(pa.Table.from_batches([part]), f, compression="snappy")
                 yield beam.pvalue.TaggedOutput(split, part)
         yield beam.pvalue.TaggedOutput(_COUNTS, counts)
+
+
+def _stamps(files: list[str]) -> tuple:
+    """(path, size, mtime) of each file: what must be unchanged for a handed-over digest to stand."""
+    found = FileSystems.match(files)
+    return tuple((m.path, m.size_in_bytes, m.last_updated_in_seconds) for r in found for m in r.metadata_list)
 
 
 def _same_parquet_schema(files: list[str]) -> pa.Schema:
