@@ -8,10 +8,19 @@ import os
 import sys
 import warnings
 
+# TensorFlow logs C++ errors while it loads (CUDA plugins "already registered", no GPU found) that
+# say nothing about the run; level 3 keeps them out. Read once, when TensorFlow is first imported,
+# which the CLI does only after this point. A user who sets the variable gets what they asked for.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 import click
 
 from beam_pipeline.dsl import Pipeline
 from beam_pipeline.errors import BeamPipelineError, PipelineDefinitionError
+
+# TFMA's precision/recall curves divide by empty threshold buckets on purpose (numpy gives inf/nan
+# and TFMA handles it); only these messages, only from TFMA, so the pipeline's own warnings still show.
+TFMA_NUMPY_NOISE = ("invalid value encountered in divide", "divide by zero encountered in divide")
 
 
 def load_pipeline(path: str, pipeline_root: str | None = None) -> Pipeline:
@@ -37,9 +46,11 @@ def load_pipeline(path: str, pipeline_root: str | None = None) -> Pipeline:
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Keep library chatter out of a run's output: progress and summary are what a user reads."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for message in TFMA_NUMPY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=RuntimeWarning, module="tensorflow_model_analysis")
     for name in ("apache_beam", "tensorflow", "absl", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)

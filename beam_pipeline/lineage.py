@@ -2,20 +2,19 @@
 
 A hop is one edge of ML Metadata's bipartite graph (artifact -> execution or execution -> artifact),
 the unit MLMD's own lineage queries count in: 2 hops upstream of a model reach the Trainer and its
-inputs. The picture is laid out by graphviz (`dot`), so large graphs stay readable.
+inputs. The picture is laid out in layers by `graph_drawing` (no graphviz needed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from typing import Any
 
 import pandas as pd
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline import queries
+from beam_pipeline import graph_drawing, queries
 from beam_pipeline.errors import BeamPipelineError, MetadataError
 from beam_pipeline.metadata import MetadataStore
 
@@ -55,64 +54,43 @@ class LineageGraph:
             "edges": self.edges,
         }
 
-    def to_dot(self) -> Any:
-        """A pydot graph, left to right in the direction data flows."""
-        import pydot
-
-        graph = pydot.Dot(graph_type="digraph", rankdir="LR", fontname="Helvetica", bgcolor="white")
-        graph.set_node_defaults(fontname="Helvetica", fontsize="10")
-        graph.set_edge_defaults(fontname="Helvetica", fontsize="9", color="#607d8b")
+    def drawing(self) -> tuple[list[graph_drawing.Node], list[graph_drawing.Edge]]:
+        """Boxes for executions (state colour), folded notes for artifacts (the one asked about highlighted)."""
+        nodes = []
         for n in self.nodes:
             if n["kind"] == "artifact":
-                label = f"{n['type']} #{n['id']}\\n{n['name']}"
-                fill = ROOT_COLOR if n["id"] == self.artifact_id else ARTIFACT_COLOR
-                graph.add_node(
-                    pydot.Node(_dot_id(n["node"]), label=_quote(label), shape="note", style="filled", fillcolor=fill)
-                )
+                root = n["id"] == self.artifact_id
+                nodes.append(
+                    graph_drawing.Node(
+                        n["node"], f"{n['type']} #{n['id']}", (n["name"],) if n["name"] else (),
+                        fill=ROOT_COLOR if root else ARTIFACT_COLOR, note=True, emphasis=root, tooltip=n["uri"] or "",
+                    )
+                )  # fmt: skip
             else:
                 kind = "" if n["type"] == n["name"] else f"{n['type']} · "
-                label = f"{n['name']} #{n['id']}\\n{kind}{n['state']}"
-                fill = STATE_COLORS.get(n["state"], "#eeeeee")
-                graph.add_node(
-                    pydot.Node(
-                        _dot_id(n["node"]),
-                        label=_quote(label),
-                        shape="box",
-                        style=_quote("rounded,filled"),
-                        fillcolor=fill,
+                nodes.append(
+                    graph_drawing.Node(
+                        n["node"], f"{n['name']} #{n['id']}", (f"{kind}{n['state']}",),
+                        fill=STATE_COLORS.get(n["state"], "#eeeeee"),
                     )
-                )
-        for e in self.edges:
-            graph.add_edge(pydot.Edge(_dot_id(e["source"]), _dot_id(e["target"]), label=_quote(e["name"])))
-        return graph
+                )  # fmt: skip
+        edges = [graph_drawing.Edge(e["source"], e["target"], e["name"]) for e in self.edges]
+        return nodes, edges
+
+    def svg(self) -> str:
+        """The graph as an `<svg>` element, left to right in the direction data flows."""
+        return graph_drawing.svg(*self.drawing(), title=f"lineage of artifact {self.artifact_id}")
 
     def render(self, path: str) -> str:
         """Write the graph as PNG or SVG (chosen by the file extension); returns the path."""
         fmt = os.path.splitext(path)[1].lstrip(".").lower()
         if fmt not in ("png", "svg"):
             raise BeamPipelineError(f"lineage image {path!r}: use a .png or .svg file name")
-        data = render_dot(self.to_dot(), fmt)
+        data = self.svg().encode() if fmt == "svg" else graph_drawing.png(*self.drawing())
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "wb") as f:
             f.write(data)
         return path
-
-
-def _dot_id(node: str) -> str:
-    """`artifact:3` -> `a3`: pydot would read the colon as a port separator."""
-    kind, number = node.split(":")
-    return f"{kind[0]}{number}"
-
-
-def _quote(text: str) -> str:
-    return '"' + str(text).replace('"', '\\"') + '"'
-
-
-def render_dot(graph: Any, fmt: str) -> bytes:
-    """Run graphviz on a pydot graph; a clear error when graphviz is not installed."""
-    if shutil.which("dot") is None:
-        raise BeamPipelineError("rendering a graph needs graphviz's `dot` program: install the Debian package graphviz")
-    return graph.create(prog="dot", format=fmt)
 
 
 def _node_for_artifact(artifact: Any, hops: int) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from beam_pipeline import lineage, queries
+from beam_pipeline import graph_drawing, lineage, queries
 from beam_pipeline.artifacts import ANOMALIES, MODEL, MODEL_BLESSING, MODEL_EVALUATION, PUSHED_MODEL, SCHEMA, STATISTICS
-from beam_pipeline.errors import BeamPipelineError, MetadataError
+from beam_pipeline.errors import MetadataError
 from beam_pipeline.metadata import MetadataStore
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -127,33 +127,32 @@ def _evaluation_view(evaluation_uri: str, slice_column: str | None) -> dict[str,
 
 
 # -- the run report ----------------------------------------------------------------------------------
-def _dag_svg(executions: pd.DataFrame) -> str | None:
-    """The run's components as a graphviz graph (state colour, duration), or None without graphviz."""
-    import pydot
-
+def dag_drawing(executions: pd.DataFrame) -> tuple[list[graph_drawing.Node], list[graph_drawing.Edge]]:
+    """One box per component (id, type, state colour, duration), one edge per input channel from its producer."""
     produced_by = {aid: row.component_id for row in executions.itertuples() for aid in row.outputs.values()}
-    graph = pydot.Dot(graph_type="digraph", rankdir="LR", bgcolor="transparent")
-    graph.set_node_defaults(fontname="Helvetica", fontsize="11", shape="box", style='"rounded,filled"')
-    graph.set_edge_defaults(fontname="Helvetica", fontsize="9", color="#607d8b")
-    for i, row in enumerate(executions.itertuples()):
+    nodes, edges = [], []
+    for row in executions.itertuples():
         duration = "" if row.duration_s is None or pd.isna(row.duration_s) else f" · {row.duration_s:.1f}s"
-        label = f"{row.component_id}\\n{row.state}{duration}"
-        graph.add_node(
-            pydot.Node(f"c{i}", label=f'"{label}"', fillcolor=f'"{lineage.STATE_COLORS.get(row.state, "#eeeeee")}"')
-        )
-    index = {row.component_id: i for i, row in enumerate(executions.itertuples())}
+        kind = [] if row.type == row.component_id else [row.type]
+        nodes.append(
+            graph_drawing.Node(
+                row.component_id, row.component_id, (*kind, f"{row.state}{duration}"),
+                fill=lineage.STATE_COLORS.get(row.state, "#eeeeee"),
+                tooltip=f"{row.component_id} ({row.type}), execution #{row.id}: {row.state}",
+            )
+        )  # fmt: skip
+    seen = set()
     for row in executions.itertuples():
         for name, ids in row.inputs.items():
-            for aid in ids:
-                if aid in produced_by:
-                    graph.add_edge(
-                        pydot.Edge(f"c{index[produced_by[aid]]}", f"c{index[row.component_id]}", label=f'"{name}"')
-                    )
-    try:
-        svg = lineage.render_dot(graph, "svg").decode()
-    except BeamPipelineError:  # graphviz missing: the components table below still shows every state
-        return None
-    return svg[svg.index("<svg") :]
+            for producer in dict.fromkeys(produced_by[aid] for aid in ids if aid in produced_by):
+                if (producer, row.component_id, name) not in seen:
+                    seen.add((producer, row.component_id, name))
+                    edges.append(graph_drawing.Edge(producer, row.component_id, name))
+    return nodes, edges
+
+
+def _dag_svg(executions: pd.DataFrame, title: str) -> str:
+    return graph_drawing.svg(*dag_drawing(executions), title=title)
 
 
 def run_report_context(store: MetadataStore | str, pipeline_name: str, run_id: str) -> dict[str, Any]:
@@ -216,7 +215,7 @@ def run_report_context(store: MetadataStore | str, pipeline_name: str, run_id: s
         "state": queries.run_state(states),
         "start": executions["start"].min() if not executions.empty else None,
         "end": executions["end"].max() if not executions.empty else None,
-        "dag_svg": _dag_svg(executions) if not executions.empty else None,
+        "dag_svg": _dag_svg(executions, f"{pipeline_name} run {run_id}") if not executions.empty else None,
         "components": _table(components),
         "models": list(artifacts.get(MODEL.name, [])),
         "statistics": statistics,
