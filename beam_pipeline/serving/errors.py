@@ -32,4 +32,8 @@ class RequestTooLargeError(ServingRequestError):
 
 
 class ModelLoadError(BeamPipelineError):
-    """A version directory could not be loaded as a SavedModel (often: it is still being copied)."""
+    """A version directory could not be loaded as a SavedModel; `error_code` is TF Serving's name for why."""
+
+    def __init__(self, message: str, error_code: str = "UNKNOWN"):
+        super().__init__(message)
+        self.error_code = error_code

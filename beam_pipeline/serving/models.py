@@ -3,7 +3,8 @@
 The layout is TF Serving's: `<model_base_path>/<integer version>/saved_model.pb`. A poll of the base path
 loads versions that appeared and retires versions that are no longer wanted; a retired version stays in
 memory until the last request that acquired it has released it, so a push never breaks a request that
-is already running.
+is already running. A version that fails to load is reported in the status with its error and retried
+only when its directory changes or its (exponential, bounded) backoff has expired.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,7 @@ SAVED_MODEL_FILE = "saved_model.pb"
 class VersionState(enum.Enum):
     """The lifecycle states TF Serving reports in `model_version_status`."""
 
+    LOADING = "LOADING"
     AVAILABLE = "AVAILABLE"
     UNLOADING = "UNLOADING"
     END = "END"
@@ -178,18 +181,85 @@ def refreeze_gc() -> None:
     gc.freeze()
 
 
+def _error_code(e: BaseException) -> str:
+    """TF Serving's canonical error code name for a load failure (NotFoundError -> NOT_FOUND)."""
+    if isinstance(e, tf.errors.OpError) and type(e) is not tf.errors.OpError:
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", type(e).__name__.removesuffix("Error")).upper()
+    if isinstance(e, FileNotFoundError):
+        return "NOT_FOUND"
+    if isinstance(e, DecodeError):
+        return "DATA_LOSS"
+    if isinstance(e, (ValueError, LookupError, TypeError)):
+        return "INVALID_ARGUMENT"
+    return "UNKNOWN"
+
+
+def _check_servable(path: str, servable: Servable) -> None:
+    """Refuse a model no request could use: no signatures, or none whose inputs can be sent over REST."""
+    if not servable.signatures:
+        raise ModelLoadError(f"{path}: the SavedModel has no signatures to serve", "INVALID_ARGUMENT")
+    unservable = {
+        name: sorted(k for k, t in sig.inputs.items() if t.kind == "other") for name, sig in servable.signatures.items()
+    }
+    if all(unservable.values()):
+        detail = "; ".join(f"{name}: inputs {inputs}" for name, inputs in sorted(unservable.items()))
+        raise ModelLoadError(
+            f"{path}: no signature can be served: their inputs have dtypes JSON cannot carry ({detail})",
+            "INVALID_ARGUMENT",
+        )
+
+
 def load_servable(name: str, version: int, path: str) -> Servable:
     """Load the SavedModel of one version directory; raise ModelLoadError when it is incomplete or broken."""
+    pb_path = os.path.join(path, SAVED_MODEL_FILE)
+    if not os.path.isfile(pb_path):
+        raise ModelLoadError(f"{path}: no {SAVED_MODEL_FILE} in the version directory", "NOT_FOUND")
     try:
-        with open(os.path.join(path, SAVED_MODEL_FILE), "rb") as f:
+        with open(pb_path, "rb") as f:
             saved_model = saved_model_pb2.SavedModel.FromString(f.read())
         meta_graphs = [mg for mg in saved_model.meta_graphs if "serve" in mg.meta_info_def.tags]
         if not meta_graphs:
-            raise ModelLoadError(f"{path}: no MetaGraph tagged 'serve'")
+            raise ModelLoadError(f"{path}: no MetaGraph tagged 'serve'", "NOT_FOUND")
         model = tf.saved_model.load(path, tags=["serve"])
-    except (OSError, ValueError, LookupError, DecodeError, tf.errors.OpError) as e:
-        raise ModelLoadError(f"{path}: {type(e).__name__}: {e}") from e
-    return Servable(name, version, path, model, dict(model.signatures), meta_graphs[0].signature_def)
+        servable = Servable(name, version, path, model, dict(model.signatures), meta_graphs[0].signature_def)
+    except (OSError, ValueError, LookupError, TypeError, DecodeError, tf.errors.OpError) as e:
+        raise ModelLoadError(f"{path}: {type(e).__name__}: {e}", _error_code(e)) from e
+    _check_servable(path, servable)
+    return servable
+
+
+def dir_fingerprint(path: str) -> int | None:
+    """A hash of the names, inodes, sizes and times of everything under `path`; None if it cannot be read.
+
+    Inode and ctime are in it because a copy (shutil.copytree keeps mtimes) of the same files is a new push.
+    """
+    entries: list[tuple[Any, ...]] = []
+    try:
+        for root, dirs, files in os.walk(path, onerror=_raise):
+            dirs.sort()
+            for name in [".", *sorted(files)]:
+                st = os.stat(os.path.join(root, name))
+                entries.append(
+                    (os.path.relpath(root, path), name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                )
+    except OSError:
+        return None
+    return hash(tuple(entries))
+
+
+def _raise(e: OSError) -> None:
+    raise e
+
+
+@dataclasses.dataclass
+class LoadFailure:
+    """The last failed load of one version: what went wrong, and when to try again."""
+
+    error_code: str
+    error_message: str
+    attempts: int
+    fingerprint: int | None  # of the version directory just before the failed attempt
+    retry_at: float  # on the manager's clock
 
 
 class ModelManager:
@@ -197,6 +267,8 @@ class ModelManager:
 
     A newer version becomes the default as soon as it is loaded; versions are retired only once the
     versions that replace them are available, so a broken push leaves the previous version serving.
+    A version that failed to load is tried again when its directory changes, or else after a backoff
+    that starts at `load_retry_initial_s` and doubles per failed attempt up to `load_retry_max_s`.
     """
 
     def __init__(
@@ -206,13 +278,20 @@ class ModelManager:
         *,
         num_versions: int = 1,
         version_labels: Mapping[str, int] | None = None,
-        loader: Any = load_servable,
+        loader: Callable[[str, int, str], Servable] = load_servable,
         freeze_gc: bool = False,
+        load_retry_initial_s: float = 2.0,
+        load_retry_max_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if not MODEL_NAME_RE.fullmatch(model_name):
             raise ValueError(f"model name {model_name!r} must match {MODEL_NAME_RE.pattern}")
         if num_versions < 1:
             raise ValueError(f"num_versions must be >= 1, got {num_versions}")
+        if not 0 < load_retry_initial_s <= load_retry_max_s:
+            raise ValueError(
+                f"need 0 < load_retry_initial_s <= load_retry_max_s, got {load_retry_initial_s}, {load_retry_max_s}"
+            )
         self.base_path = base_path
         self.model_name = model_name
         self.num_versions = num_versions
@@ -222,7 +301,11 @@ class ModelManager:
         self._poll_lock = threading.Lock()
         self._available: dict[int, Servable] = {}
         self._history: dict[int, Servable] = {}  # every version ever loaded, for the status endpoint
-        self._load_failures: dict[int, str] = {}
+        self._load_failures: dict[int, LoadFailure] = {}
+        self._loading: set[int] = set()
+        self.load_retry_initial_s = load_retry_initial_s
+        self.load_retry_max_s = load_retry_max_s
+        self._clock = clock
         self.freeze_gc = freeze_gc
         self._changes = 0  # loads and unloads so far
         self._changes_at_freeze = -1
@@ -259,38 +342,39 @@ class ModelManager:
         return servable
 
     def status(self, version: int | None = None, label: str | None = None) -> list[dict[str, Any]]:
-        """`model_version_status` entries as TF Serving's GetModelStatus returns them."""
+        """`model_version_status` entries as TF Serving's GetModelStatus returns them, newest first.
+
+        A version whose last load failed is END with the error; one being loaded is LOADING.
+        """
         with self._lock:
             if label is not None:
                 if label not in self.version_labels:
                     raise ServableNotFoundError(f"Unrecognized servable version label: {label}")
                 version = self.version_labels[label]
+            ok = {"error_code": "OK", "error_message": ""}
+            entries: dict[int, dict[str, Any]] = {
+                v: {"version": str(v), "state": s.state.value, "status": ok} for v, s in self._history.items()
+            }
+            for v, failure in self._load_failures.items():
+                status = {"error_code": failure.error_code, "error_message": failure.error_message}
+                entries[v] = {"version": str(v), "state": VersionState.END.value, "status": status}
+            for v in self._loading:
+                entries[v] = {"version": str(v), "state": VersionState.LOADING.value, "status": ok}
             if version is None:
-                servables = sorted(self._history.values(), key=lambda s: -s.version)
-                if not servables:
+                if not entries:
                     raise ServableNotFoundError(f"Could not find any versions of model {self.model_name}")
-            elif version in self._history:
-                servables = [self._history[version]]
-            else:
+                return [entries[v] for v in sorted(entries, reverse=True)]
+            if version not in entries:
                 raise ServableNotFoundError(f"Could not find version {version} of model {self.model_name}")
-            return [
-                {
-                    "version": str(s.version),
-                    "state": s.state.value,
-                    "status": {"error_code": "OK", "error_message": ""},
-                }
-                for s in servables
-            ]
+            return [entries[version]]
 
     # -- polling -------------------------------------------------------------------------------
     def scan(self) -> dict[int, str]:
-        """Complete version directories on disk: integer name and a saved_model.pb inside."""
+        """Version directories on disk (integer names); hidden temp dirs of a push in progress are not."""
         found: dict[int, str] = {}
         with os.scandir(self.base_path) as entries:
             for entry in entries:
-                if not VERSION_RE.fullmatch(entry.name) or not entry.is_dir():
-                    continue
-                if os.path.isfile(os.path.join(entry.path, SAVED_MODEL_FILE)):
+                if VERSION_RE.fullmatch(entry.name) and entry.is_dir():
                     found[int(entry.name)] = entry.path
         return found
 
@@ -302,6 +386,9 @@ class ModelManager:
             except OSError as e:
                 log.warning("cannot list model base path %s: %s; keeping the loaded versions", self.base_path, e)
                 return
+            with self._lock:
+                for version in self._load_failures.keys() - on_disk.keys():  # gone: nothing left to retry
+                    del self._load_failures[version]
             keep: set[int] = set()
             for version in sorted(on_disk, reverse=True):
                 if len(keep) >= self.num_versions:
@@ -322,16 +409,36 @@ class ModelManager:
         with self._lock:
             if version in self._available:
                 return True
+            failure = self._load_failures.get(version)
+        fingerprint = dir_fingerprint(path)
+        changed = failure is None or fingerprint is None or fingerprint != failure.fingerprint
+        if not changed and self._clock() < failure.retry_at:
+            return False  # the same broken content: wait for the backoff, log nothing
+        with self._lock:
+            self._loading.add(version)
         try:
             servable = self._loader(self.model_name, version, path)
         except ModelLoadError as e:
-            # Usually a version still being copied: try again at the next poll, warn once per distinct error.
-            level = logging.DEBUG if self._load_failures.get(version) == str(e) else logging.WARNING
-            log.log(level, "model %s version %d not loaded: %s", self.model_name, version, e)
-            self._load_failures[version] = str(e)
+            attempts = 1 if changed else failure.attempts + 1
+            delay = min(self.load_retry_initial_s * 2 ** (attempts - 1), self.load_retry_max_s)
+            with self._lock:
+                self._load_failures[version] = LoadFailure(
+                    e.error_code, str(e), attempts, fingerprint, self._clock() + delay
+                )
+            log.warning(
+                "model %s version %d failed to load (attempt %d): %s; retrying when its directory changes or in %.0f s",
+                self.model_name,
+                version,
+                attempts,
+                e,
+                delay,
+            )
             return False
-        self._load_failures.pop(version, None)
+        finally:
+            with self._lock:
+                self._loading.discard(version)
         with self._lock:
+            self._load_failures.pop(version, None)
             self._available[version] = servable
             self._history[version] = servable
             self._changes += 1

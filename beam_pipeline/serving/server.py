@@ -57,6 +57,9 @@ class ServerConfig:
     num_versions: int = 1
     version_labels: Mapping[str, int] = dataclasses.field(default_factory=dict)
     model_threads: int = max(2, os.cpu_count() or 2)
+    # A version that fails to load is retried when its directory changes, else after this backoff.
+    load_retry_initial_s: float = 2.0
+    load_retry_max_s: float = 120.0
     # Keep Python's full garbage collections (~0.5 s with TensorFlow loaded) out of request handling.
     freeze_gc: bool = True
 
@@ -118,6 +121,8 @@ class ModelServer:
             num_versions=config.num_versions,
             version_labels=config.version_labels,
             freeze_gc=config.freeze_gc,
+            load_retry_initial_s=config.load_retry_initial_s,
+            load_retry_max_s=config.load_retry_max_s,
         )
         self._executor: ThreadPoolExecutor | None = None
         self.batcher = (

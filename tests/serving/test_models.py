@@ -20,14 +20,22 @@ def latest_version(manager: ModelManager) -> int:
         return servable.version
 
 
-def test_scan_sees_only_integer_dirs_with_a_saved_model(base_path, model_store):
-    os.makedirs(os.path.join(base_path, "7", "variables"))  # copy in progress: no saved_model.pb yet
+def test_scan_sees_integer_dirs_only(base_path, model_store):
+    os.makedirs(os.path.join(base_path, "7", "variables"))  # a version without saved_model.pb: fails to load
     shutil.copytree(model_store[2], os.path.join(base_path, "latest"))
     shutil.copytree(model_store[2], os.path.join(base_path, "8.tmp"))
+    shutil.copytree(model_store[2], os.path.join(base_path, ".tmp-9"))  # a push in progress
     shutil.copytree(model_store[2], os.path.join(base_path, "-9"))
     with open(os.path.join(base_path, "10"), "w") as f:  # a file, not a directory
         f.write("x")
-    assert ModelManager(base_path, "taxi").scan() == {1: os.path.join(base_path, "1")}
+    manager = ModelManager(base_path, "taxi")
+    assert manager.scan() == {1: os.path.join(base_path, "1"), 7: os.path.join(base_path, "7")}
+    manager.poll_once()
+    assert latest_version(manager) == 1
+    assert [(s["version"], s["state"], s["status"]["error_code"]) for s in manager.status()] == [
+        ("7", "END", "NOT_FOUND"),
+        ("1", "AVAILABLE", "OK"),
+    ]
 
 
 @pytest.mark.parametrize(
