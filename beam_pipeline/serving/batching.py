@@ -112,12 +112,15 @@ class Batcher:
         try:
             outputs = await self._runner(servable, signature, inputs)
         except BadRequestError as e:
-            if len(batch) > 1:
-                # One request's data may have failed the whole batch: rerun alone, so only it fails.
-                for task in batch:
-                    await self._execute(servable, signature, [task])
+            if len(batch) == 1:
+                _settle(batch[0], error=e)
                 return
-            _settle(batch[0], error=e)
+            # Some request's data failed the whole batch: run the halves (concurrently) and recurse into
+            # the failing ones, so k bad requests among n cost O(k log n) calls and good halves answer at once.
+            mid = len(batch) // 2
+            await asyncio.gather(
+                self._execute(servable, signature, batch[:mid]), self._execute(servable, signature, batch[mid:])
+            )
             return
         except Exception as e:
             for task in batch:
@@ -126,8 +129,7 @@ class Batcher:
         total = sum(t.rows for t in batch)
         if len(batch) > 1 and any(v.ndim == 0 or v.shape[0] != total for v in outputs.values()):
             # Outputs that are not per-row cannot be split back: run each request alone instead.
-            for task in batch:
-                await self._execute(servable, signature, [task])
+            await asyncio.gather(*(self._execute(servable, signature, [task]) for task in batch))
             return
         start = 0
         for task in batch:

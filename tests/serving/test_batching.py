@@ -97,7 +97,30 @@ def test_a_bad_request_fails_alone():
     assert isinstance(bad, BadRequestError)
     np.testing.assert_array_equal(good["y"], [2.0])
     np.testing.assert_array_equal(other["y"], [6.0])
-    assert model.calls == [3, 1, 1, 1]  # the batch, then each request alone
+    assert model.calls == [3, 1, 2, 1, 1]  # the batch, its halves, then the failing half's halves
+
+
+@pytest.mark.parametrize("bad", [[0], [31], [17], [3, 20]], ids=lambda b: "bad-" + "-".join(map(str, b)))
+def test_bad_requests_in_a_big_batch_are_found_by_bisection(bad):
+    n = 32
+
+    async def main():
+        model = FakeModel()
+        batcher = Batcher(model.run, max_batch_size=64, timeout_s=10.0)
+        futures = [submit(batcher, [-1.0 if i in bad else float(i)]) for i in range(n)]
+        return model, await asyncio.gather(*futures, return_exceptions=True)
+
+    model, results = asyncio.run(main())
+    for i, result in enumerate(results):
+        if i in bad:
+            assert isinstance(result, BadRequestError)
+        else:
+            np.testing.assert_array_equal(result["y"], [2.0 * i])
+    # One call for the batch, then two per level of the bisection for each bad request; one-by-one
+    # reruns would have been 1 + 32 calls.
+    assert model.calls[0] == n
+    assert len(model.calls) <= 1 + 2 * len(bad) * 5
+    assert sum(1 for c in model.calls if c == 1) <= 2 * len(bad)
 
 
 def test_outputs_without_a_batch_dimension_are_not_split():
@@ -188,3 +211,56 @@ def test_concurrent_http_requests_are_merged_into_one_model_call(client_factory,
         t.join(120)
     assert results == pytest.approx({i: expected_score(float(i), "Cash", V1_BIAS) for i in range(7)}, rel=1e-6)
     assert servable.model_calls == (2 if enable_batching else 7)
+
+
+def test_one_bad_request_in_a_batch_fails_alone_without_serializing_the_others(client_factory):
+    """23 requests wait in one batch; one of them makes the model call fail. A 24th is malformed and is
+    rejected (400) while the model is still busy, before it can join any batch."""
+    client = client_factory(max_batch_size=64, batch_timeout_ms=0)
+    server = client.app.state.server
+    with server.manager.acquire() as servable:
+        pass
+    gate, inside = threading.Event(), threading.Event()
+    run = servable.run
+
+    def gated_run(signature, inputs):  # holds the first model call until the other requests are queued
+        if not inside.is_set():
+            inside.set()
+            gate.wait(120)
+        return run(signature, inputs)
+
+    servable.run = gated_run
+    n, model_bad, decode_bad = 24, 7, 13
+    rows = [
+        {"trip_miles": float(i), "trip_seconds": 60 * i, "payment_type": "Cash" if i % 3 else "Card"} for i in range(n)
+    ]
+    rows[model_bad] = {"trip_miles": 1.0, "trip_seconds": 60}  # no payment_type: the model's parse fails
+    rows[decode_bad] = {**rows[decode_bad], "trip_seconds": "a minute"}  # not an int64: the codec refuses it
+    responses: dict[int, object] = {}
+
+    def post(i: int) -> None:
+        responses[i] = client.post("/v1/models/taxi:regress", json={"examples": [rows[i]]})
+
+    first = threading.Thread(target=post, args=(0,))
+    first.start()
+    _wait_until(inside.is_set, "the first request reached the model")
+    post(decode_bad)  # answered while the model is still held: it never waits for a batch
+    assert responses[decode_bad].status_code == 400 and "trip_seconds" in responses[decode_bad].json()["error"]
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(1, n) if i != decode_bad]
+    for t in threads:
+        t.start()
+    _wait_until(lambda: server.batcher.queued_rows() == n - 2, "22 requests are queued")
+    gate.set()
+    for t in [first, *threads]:
+        t.join(120)
+
+    assert responses[model_bad].status_code == 400, responses[model_bad].text
+    assert "payment_type" in responses[model_bad].json()["error"]
+    good = [i for i in range(n) if i not in (model_bad, decode_bad)]
+    assert all(responses[i].status_code == 200 for i in good), {i: responses[i].text for i in good}
+    got = {i: responses[i].json()["results"][0] for i in good}
+    assert got == pytest.approx({i: expected_score(float(i), rows[i]["payment_type"], V1_BIAS) for i in good}, rel=1e-6)
+    # The first call, the batch of 22, then two calls per bisection level (ceil(log2 22) = 5) down to the
+    # bad request; rerunning the batch one by one would be 1 + 1 + 22.
+    assert 3 <= servable.model_calls <= 1 + 1 + 2 * 5, servable.model_calls
+    print(f"model calls for 1 + {n - 2} queued requests with one bad: {servable.model_calls}")
