@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
-import time
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -170,18 +171,27 @@ def model_metrics(store: Any, model_id: int, slice_column: str | None, out: str 
 @click.argument("model_ids", type=int, nargs=-1, required=True)
 @click.option("--port", type=int, default=None, help="Port on 127.0.0.1 (default: a free one).")
 def tensorboard(store: Any, model_ids: tuple[int, ...], port: int | None) -> None:
-    """Serve TensorBoard on the training logs of one or more models until Ctrl-C."""
+    """Serve TensorBoard on the training logs of one or more models until Ctrl-C or SIGTERM."""
     from beam_pipeline import queries
 
-    server = queries.start_tensorboard(store, list(model_ids), port)
-    for name, directory in server.logdirs.items():
-        click.echo(f"{name}: {directory}")
-    click.echo(f"TensorBoard at {server.url} (Ctrl-C to stop)")
+    # Our own handlers, whatever this process inherited: a shell's background job starts with
+    # SIGINT ignored, and then Ctrl-C would never reach Python as KeyboardInterrupt.
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        server.stop()
+        server = queries.start_tensorboard(store, list(model_ids), port)
+        try:
+            for name, directory in server.logdirs.items():
+                click.echo(f"{name}: {directory}")
+            click.echo(f"TensorBoard at {server.url} (Ctrl-C to stop)")
+            while not stop.wait(timeout=1.0):  # a bounded wait, so a signal is seen within a second
+                pass
+        finally:
+            server.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    click.echo("TensorBoard stopped")
 
 
 @click.command()

@@ -30,7 +30,6 @@ from beam_pipeline.artifacts import (
 )
 from beam_pipeline.errors import MetadataError
 from beam_pipeline.metadata import PIPELINE_CONTEXT, RUN_CONTEXT, STATE_NAMES, MetadataStore
-from beam_pipeline.ports import free_port
 
 EXECUTION_COLUMNS = (
     "id",
@@ -657,7 +656,7 @@ def model_metrics(store: MetadataStore | str, model_id: int, slice_column: str |
 # -- TensorBoard -------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TensorBoardServer:
-    """A TensorBoard serving in this process on loopback; `stop()` closes its socket."""
+    """A TensorBoard serving in this process on loopback; `stop()` ends its serving loop and closes its socket."""
 
     url: str
     logdirs: dict[str, str]
@@ -670,8 +669,6 @@ class TensorBoardServer:
 
 def start_tensorboard(store: MetadataStore | str, model_ids: list[int], port: int | None = None) -> TensorBoardServer:
     """Serve the models' training logs: one model as --logdir, several side by side via --logdir_spec."""
-    import threading
-
     from tensorboard import program
 
     store = open_store(store)
@@ -679,17 +676,23 @@ def start_tensorboard(store: MetadataStore | str, model_ids: list[int], port: in
     for name, directory in logdirs.items():
         if not os.path.isdir(directory):
             raise MetadataError(f"{name}: its TensorBoard log directory {directory} no longer exists")
-    argv = [None, "--host", "127.0.0.1", "--port", str(port or free_port()), "--load_fast", "false"]
+    # Port 0: the OS picks a free one while binding, so no other process can take it in between.
+    argv = [None, "--host", "127.0.0.1", "--port", str(port or 0), "--load_fast", "false"]
     if len(logdirs) == 1:
         argv += ["--logdir", next(iter(logdirs.values()))]
     else:
         argv += ["--logdir_spec", ",".join(f"{name}:{d}" for name, d in logdirs.items())]
-    board = program.TensorBoard()
+    servers: list[Any] = []
+
+    def server_class(wsgi_app: Any, flags: Any) -> Any:
+        # launch() returns only the URL: keep the server it builds, the handle stop() needs.
+        servers.append(program.WerkzeugServer(wsgi_app, flags))
+        return servers[-1]
+
+    board = program.TensorBoard(server_class=server_class)
     board.configure(argv=argv)
-    # launch() gives no handle to stop the server; build it the same way and keep the handle.
-    server = board._make_server()
-    threading.Thread(target=server.serve_forever, name="TensorBoard", daemon=True).start()
-    return TensorBoardServer(server.get_url(), logdirs, server)
+    url = board.launch()
+    return TensorBoardServer(url, logdirs, servers[0])
 
 
 # -- diff of two models ------------------------------------------------------------------------------
