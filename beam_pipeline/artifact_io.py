@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from typing import Any
 
 import apache_beam as beam
@@ -37,22 +38,67 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Write under a temporary name, then rename: a reader sees the whole file or none.
+
+    Local renames are atomic; object stores copy whole objects, so the final name never holds a part.
+    """
+    temp = f"{path}.tmp-{uuid.uuid4().hex}"
+    write_text(temp, text)
+    try:
+        FileSystems.rename([temp], [path])
+    finally:
+        if FileSystems.exists(temp):
+            FileSystems.delete([temp])
+
+
 def read_marker(uri: str) -> dict[str, Any] | None:
+    """The commit marker of an artifact, or None while there is none (or only part of one)."""
     path = join(uri, COMMIT_MARKER)
     if not FileSystems.exists(path):
         return None
-    return json.loads(read_bytes(path))
+    try:
+        marker = json.loads(read_bytes(path))
+    except ValueError:  # a store without atomic writes may show a marker still being written
+        return None
+    return marker if isinstance(marker, dict) and "properties" in marker else None
+
+
+def _files(uri: str) -> list[Any]:
+    """Metadata of every payload file under `uri`: the marker and temp files excluded."""
+    matches = FileSystems.match([join(uri, "**")])[0].metadata_list
+    return sorted(
+        (m for m in matches if COMMIT_MARKER not in m.path[len(uri) :]),
+        key=lambda m: m.path,
+    )
+
+
+def manifest(uri: str) -> dict[str, int]:
+    """Relative path -> size of every payload file: recorded at commit, checked before reuse."""
+    return {m.path[len(uri) :].lstrip("/"): m.size_in_bytes for m in _files(uri)}
+
+
+def is_intact(uri: str) -> bool:
+    """True when the artifact is committed and every file it was committed with is there, same size.
+
+    Reads only the store's listing, never the payload, so checking a cached artifact stays cheap.
+    """
+    if not FileSystems.exists(uri):
+        return False
+    marker = read_marker(uri)
+    if marker is None:
+        return False
+    recorded = marker.get("files")
+    if recorded is None:  # committed before markers listed their files: existence is all we know
+        return True
+    return manifest(uri) == recorded
 
 
 def fingerprint_tree(uri: str) -> str:
     """Content hash of every file under `uri` (names and bytes), the marker excluded."""
     h = hashlib.blake2b(digest_size=16)
-    matches = FileSystems.match([join(uri, "**")])[0].metadata_list
-    for m in sorted(matches, key=lambda m: m.path):
-        rel = m.path[len(uri) :]
-        if rel.endswith(COMMIT_MARKER):
-            continue
-        h.update(rel.encode())
+    for m in _files(uri):
+        h.update(m.path[len(uri) :].encode())
         with FileSystems.open(m.path) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

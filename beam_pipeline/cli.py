@@ -97,6 +97,7 @@ def run(
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     display = progress.Progress(pipeline)
+    _interrupt_on_signals()
     try:
         with runner_options.runner_args(runner, list(ctx.args)) as beam_args, display:
             result = launcher.run(
@@ -110,9 +111,24 @@ def run(
         click.echo(f"\nerror: {e}", err=True)
         _write_report(pipeline, metadata_uri, None)
         _exit(1)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: the run's unfinished executions are recorded CANCELED", err=True)
+        _exit(130)
     display.summary(result)
     _write_report(pipeline, result.metadata_uri, result.run_id)
     _exit(0)
+
+
+def _interrupt_on_signals() -> None:
+    """SIGINT and SIGTERM both interrupt the run, whatever dispositions the process inherited
+    (a job started in the background inherits SIGINT ignored), so its executions are ended."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _exit(code: int) -> None:

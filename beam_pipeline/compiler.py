@@ -32,6 +32,9 @@ class ComponentPlan:
     cached_outputs: dict[str, Artifact] | None = None  # set when reused from the cache
     execution_id: int | None = None
     output_uris: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Computed once per run by the launcher, for the cache key at plan and at publish time.
+    external: str = ""
+    modules: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -66,8 +69,12 @@ class _Commit(beam.DoFn):
             producer_component=self._producer,
             pipeline_name=self._pipeline,
         )
-        marker = {"properties": props, "committed_at_ms": int(time.time() * 1000)}
-        artifact_io.write_text(artifact_io.join(self._uri, COMMIT_MARKER), json.dumps(marker, sort_keys=True))
+        marker = {
+            "properties": props,
+            "committed_at_ms": int(time.time() * 1000),
+            "files": artifact_io.manifest(self._uri),
+        }
+        artifact_io.write_text_atomic(artifact_io.join(self._uri, COMMIT_MARKER), json.dumps(marker, sort_keys=True))
         yield Artifact(self._atype, self._uri, props)
 
 

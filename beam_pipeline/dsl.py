@@ -170,7 +170,7 @@ class Component(beam.PTransform):
 
     def exec_properties(self) -> dict[str, Any]:
         """The runtime configuration recorded in ML Metadata and hashed into the cache key."""
-        return {k: _jsonable(v) for k, v in sorted(self.params.items())}
+        return {k: _jsonable(v, f"{self.id}: parameter {k!r}") for k, v in sorted(self.params.items())}
 
     def external_fingerprint(self, inputs: Mapping[str, Sequence[Any]] | None = None) -> str:
         """Fingerprint of what decides the outputs besides config and channel inputs (input files,
@@ -202,20 +202,40 @@ class Component(beam.PTransform):
         return self.id
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, where: str) -> Any:
+    """A configuration value as JSON, exactly: what is recorded is what is hashed into the cache key.
+
+    No `repr` fallback: an object's repr may hold its address (the key would never hit) or elide
+    its content (a large numpy array would collide with another).
+    """
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if hasattr(value, "SerializeToString"):
         from google.protobuf import json_format
 
         return json_format.MessageToDict(value)
-    if dataclasses.is_dataclass(value):
-        return _jsonable(dataclasses.asdict(value))
-    return repr(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value), where)
+    if type(value).__module__ == "numpy":
+        import hashlib
+
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return _jsonable(value.item(), where)
+        array = np.ascontiguousarray(value)
+        if array.dtype == object:
+            return _jsonable(array.tolist(), where)
+        digest = hashlib.sha256(array.tobytes()).hexdigest()
+        return {"ndarray": {"dtype": str(array.dtype), "shape": list(array.shape), "sha256": digest}}
+    raise PipelineDefinitionError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which cannot be recorded in ML Metadata "
+        "or hashed for caching: pass strings, numbers, booleans, lists, dicts, protos, dataclasses or numpy arrays"
+    )
 
 
 class Pipeline:

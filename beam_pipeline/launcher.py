@@ -4,6 +4,11 @@ Publishing happens here, not on workers: the graph leaves a commit marker next t
 artifact; the driver polls for markers while the job runs and records executions and artifacts in
 ML Metadata in topological order. A component whose outputs are not all committed when the job ends
 is recorded FAILED and its directories are removed, so nothing half-written is ever published.
+
+Every execution registered RUNNING is ended on every way out: FAILED when planning, building the
+graph, the job or the store fails, CANCELED on Ctrl-C or SIGTERM. A launcher that is killed outright
+leaves RUNNING executions behind; the next run of the pipeline finds their launcher gone and marks
+them abandoned (FAILED), removing what they had half-written.
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ from beam_pipeline import artifact_io, caching
 from beam_pipeline.artifacts import Artifact
 from beam_pipeline.compiler import ComponentPlan, build_graph
 from beam_pipeline.dsl import Pipeline
-from beam_pipeline.errors import BeamPipelineError, PipelineRunError
-from beam_pipeline.metadata import MetadataStore
+from beam_pipeline.errors import BeamPipelineError, MetadataError, PipelineRunError
+from beam_pipeline.metadata import HEARTBEAT_INTERVAL_S, MetadataStore
 
 log = logging.getLogger(__name__)
 
-PENDING, RUNNING, COMPLETE, CACHED, FAILED = "PENDING", "RUNNING", "COMPLETE", "CACHED", "FAILED"
+PENDING, RUNNING, COMPLETE, CACHED, FAILED, CANCELED = "PENDING", "RUNNING", "COMPLETE", "CACHED", "FAILED", "CANCELED"
 
 
 @dataclasses.dataclass
@@ -91,6 +96,7 @@ def compile_run(
     uri = metadata_uri or pipeline.metadata_connection or default_metadata_uri(pipeline)
     store = uri if isinstance(uri, MetadataStore) else MetadataStore(uri)
     use_cache = pipeline.enable_cache if enable_cache is None else enable_cache
+    sweep_abandoned(store, pipeline.name)
     run_id = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     contexts = store.run_contexts(pipeline.name, run_id)
     result = RunResult(
@@ -101,17 +107,33 @@ def compile_run(
         {c.id: ComponentResult(c.id, type(c).__name__) for c in pipeline.ordered},
     )
     start_ms = result.start_ms = int(time.time() * 1000)
-    plans = _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms)
-    options = PipelineOptions(list(pipeline.beam_pipeline_args) + list(beam_args))
-    runner = options.view_as(StandardOptions).runner
-    if runner is None or runner.lower() in ("fnapi", "fnapirunner"):
-        from runners.options import in_process_runner
+    plans: dict[str, ComponentPlan] = {}
+    try:
+        _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans)
+        options = PipelineOptions(list(pipeline.beam_pipeline_args) + list(beam_args))
+        runner = options.view_as(StandardOptions).runner
+        if runner is None or runner.lower() in ("fnapi", "fnapirunner"):
+            from runners.options import in_process_runner
 
-        p = beam.Pipeline(runner=in_process_runner(options), options=options)
-    else:
-        p = beam.Pipeline(options=options)
-    build_graph(p, pipeline, plans, run_id)
+            p = beam.Pipeline(runner=in_process_runner(options), options=options)
+        else:
+            p = beam.Pipeline(options=options)
+        build_graph(p, pipeline, plans, run_id)
+    except BaseException as e:
+        _end_unfinished(plans, store, contexts, result, e, when="before the job started")
+        raise
     return CompiledRun(pipeline, p, plans, store, contexts, result, start_ms)
+
+
+def sweep_abandoned(store: MetadataStore, pipeline_name: str) -> list[int]:
+    """Mark executions whose launcher died as abandoned and remove what they half-wrote; their ids."""
+    swept = store.sweep_abandoned(pipeline_name)
+    for execution in swept:
+        log.warning(
+            "execution %d (%s) was abandoned by a launcher that is gone", execution["id"], execution["component_id"]
+        )
+        _remove(execution["output_uris"].values())
+    return [execution["id"] for execution in swept]
 
 
 def run(
@@ -148,22 +170,35 @@ def execute(
 
     failure: list[BaseException] = []
     finished: list[Any] = []
+    started: list[Any] = []
 
     def job() -> None:
         try:
             beam_result = p.run()
+            started.append(beam_result)
             beam_result.wait_until_finish()
             finished.append(beam_result)
         except BaseException as e:  # re-raised on the driver thread below
             failure.append(e)
 
     thread = threading.Thread(target=job, name="beam-job", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(poll_interval_s)
-        if _publish_ready(pipeline, plans, store, contexts, result, start_ms) and on_update:
+    try:
+        thread.start()
+        last_beat = time.monotonic()
+        while thread.is_alive():
+            thread.join(poll_interval_s)
+            if _publish_ready(pipeline, plans, store, contexts, result, start_ms) and on_update:
+                on_update(result)
+            if time.monotonic() - last_beat > HEARTBEAT_INTERVAL_S:
+                store.heartbeat(contexts[1])
+                last_beat = time.monotonic()
+        _publish_ready(pipeline, plans, store, contexts, result, start_ms)
+    except BaseException as e:  # Ctrl-C, SIGTERM, a store error while publishing
+        _cancel(started)
+        _end_unfinished(plans, store, contexts, result, e, when="while the job ran")
+        if on_update:
             on_update(result)
-    _publish_ready(pipeline, plans, store, contexts, result, start_ms)
+        raise
 
     if finished:
         _record_busy_time(finished[0], plans, store, result)
@@ -184,16 +219,21 @@ def execute(
     return result
 
 
-def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms) -> dict[str, ComponentPlan]:
-    plans: dict[str, ComponentPlan] = {}
+def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans: dict[str, ComponentPlan]) -> None:
+    """Decide per component: reuse (CACHED, recorded now) or run (registered RUNNING). Fills `plans`.
+
+    Filled in place so that, when planning fails half-way, the caller can end what was registered.
+    """
     for c in pipeline.ordered:
         input_static = {n: plans[ch.producer.id].static_outputs.get(ch.name, {}) for n, ch in c.inputs.items()}
         plan = ComponentPlan(c, c.static_outputs(input_static), c.resolve(store, pipeline.name))
+        plan.modules = caching.module_digests(c)
         plans[c.id] = plan
         inputs = _input_artifacts(c, plans)
+        plan.external = c.external_fingerprint(inputs)
         cache_on = use_cache if c.enable_cache is None else c.enable_cache
         if cache_on and inputs is not None and not c.always_run():
-            key = caching.cache_key(c, inputs)
+            key = caching.cache_key(c, inputs, resolved=plan.resolved, external=plan.external, modules=plan.modules)
             hit = store.cached_outputs(key, type(c).__name__)
             if hit is not None:
                 original_id, plan.cached_outputs = hit
@@ -232,7 +272,7 @@ def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms) -> dic
         plan.output_uris = {
             out: FileSystems.join(pipeline.root, c.id, out, str(plan.execution_id)) for out in c.OUTPUTS
         }
-    return plans
+        store.record_output_uris(plan.execution_id, plan.output_uris)
 
 
 def _input_artifacts(component, plans) -> dict[str, list[Artifact]] | None:
@@ -273,7 +313,7 @@ def _publish_ready(pipeline, plans, store, contexts, result, start_ms) -> bool:
         inputs = {name: [result.components[ch.producer.id].artifacts[ch.name]] for name, ch in c.inputs.items()}
         end_ms = max(m["committed_at_ms"] for m in markers.values())
         began_ms = max([start_ms] + [result.components[up.id].end_time_ms or start_ms for up in c.upstream])
-        key = caching.cache_key(c, inputs)
+        key = caching.cache_key(c, inputs, resolved=plan.resolved, external=plan.external, modules=plan.modules)
         store.finish_execution(
             plan.execution_id,
             state=mlmd_pb2.Execution.COMPLETE,
@@ -317,14 +357,48 @@ def _record_busy_time(beam_result: Any, plans, store: MetadataStore, result: Run
             store.set_execution_property(r.execution_id, "busy_s", r.busy_s)
 
 
-def _fail(plan: ComponentPlan, store, contexts, result, message: str) -> None:
-    for uri in plan.output_uris.values():
+def _remove(uris) -> None:
+    for uri in uris:
         if FileSystems.exists(uri):
             FileSystems.delete([uri])
-    store.finish_execution(
-        plan.execution_id, state=mlmd_pb2.Execution.FAILED, inputs={}, outputs={}, contexts=contexts, error=message
-    )
-    result.components[plan.id].state = FAILED
+
+
+def _fail(plan: ComponentPlan, store, contexts, result, message: str, *, canceled: bool = False) -> None:
+    _remove(plan.output_uris.values())
+    state = mlmd_pb2.Execution.CANCELED if canceled else mlmd_pb2.Execution.FAILED
+    store.finish_execution(plan.execution_id, state=state, inputs={}, outputs={}, contexts=contexts, error=message)
+    result.components[plan.id].state = CANCELED if canceled else FAILED
+
+
+def _cancel(started: list[Any]) -> None:
+    """Ask the runner to stop the job; in-process runners cannot, and end with this process."""
+    for beam_result in started:
+        try:
+            beam_result.cancel()
+        except NotImplementedError:
+            pass
+
+
+def _end_unfinished(plans, store, contexts, result, cause: BaseException, *, when: str) -> None:
+    """End every execution this run registered and did not finish: CANCELED on an interrupt, else FAILED.
+
+    A store that fails again here is left as it is: the original error is the one to report, and
+    the next run of the pipeline marks the leftovers abandoned.
+    """
+    canceled = isinstance(cause, (KeyboardInterrupt, SystemExit))
+    what = "canceled" if canceled else "failed"
+    reason = str(cause).strip() or type(cause).__name__
+    message = f"{what} {when}: {type(cause).__name__}: {reason}"
+    for plan in plans.values():
+        r = result.components[plan.id]
+        if plan.execution_id is None or plan.cached or r.state in (COMPLETE, CACHED, FAILED, CANCELED):
+            continue
+        try:
+            _fail(plan, store, contexts, result, message, canceled=canceled)
+        except MetadataError as e:
+            log.error("could not record %s as %s: %s", plan.id, what, e)
+            r.state = CANCELED if canceled else FAILED
+    result.error = message
 
 
 def _failure_message(cause: BaseException | None, unfinished: list[ComponentPlan]) -> str:

@@ -186,8 +186,6 @@ class Evaluator(Component):
             component_id=component_id,
         )
         self.eval_config = config
-        self._files: list[str] | None = None
-        self._baseline_fingerprint: str | None = None  # set by resolve(), which runs before the cache lookup
 
     # -- compile time --------------------------------------------------------------------------------
     @property
@@ -202,22 +200,18 @@ class Evaluator(Component):
         return bool(tfma.metrics.metric_thresholds_from_metrics_specs(without_baseline.metrics_specs))
 
     def data_files(self) -> list[str]:
-        if self._files is None:
-            self._files = io_.match_files([self.params["data_path"]])
-        return self._files
+        """The next-day data files matched now (never memoized: the same Pipeline may run again)."""
+        return io_.match_files([self.params["data_path"]])
 
     def external_fingerprint(self, inputs=None) -> str:
-        """Next-day data files and the resolved baseline decide the outputs without being channel inputs.
+        """Next-day data files decide the outputs without being channel inputs.
 
-        A baseline that is the candidate model itself (a rerun with a cached Trainer) changes no
-        decision, so it counts as no baseline: an unchanged pipeline stays fully cached.
+        The resolved baseline is part of the cache key as a resolved artifact (counting as none when
+        it is the candidate model itself, so an unchanged pipeline stays fully cached).
         """
-        candidates = {str(a.properties.get("fingerprint", a.uri)) for a in (inputs or {}).get("model", [])}
-        baseline = self._baseline_fingerprint if self._baseline_fingerprint not in candidates else None
-        facts: dict[str, Any] = {"baseline": baseline}
-        if self.params["data_path"]:
-            facts["data"] = {path: caching.file_fingerprint(path) for path in self.data_files()}
-        return json.dumps(facts, sort_keys=True)
+        if not self.params["data_path"]:
+            return ""
+        return json.dumps({path: caching.file_fingerprint(path) for path in self.data_files()}, sort_keys=True)
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         examples = input_static.get("examples", {})
@@ -233,7 +227,6 @@ class Evaluator(Component):
 
     def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
         """The baseline: the model of this Evaluator's latest blessing (only needed for change thresholds)."""
-        self._baseline_fingerprint = None
         if not self.has_change_thresholds:
             return {}
         blessings = store.latest_artifacts(
@@ -244,7 +237,6 @@ class Evaluator(Component):
         model_uri = blessings[0].properties.get("model_uri")
         for model in store.latest_artifacts(MODEL.name, pipeline_name):
             if model.uri == model_uri:
-                self._baseline_fingerprint = str(model.properties.get("fingerprint", model.uri))
                 return {"baseline_model": model}
         raise MetadataError(
             f"{self.id}: blessing {blessings[0].uri} names model {model_uri!r}, which ML Metadata does not list "

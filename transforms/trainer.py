@@ -97,21 +97,14 @@ class Trainer(Component):
             component_id=component_id,
         )
         _user_module.load_module(module_file, ["run_fn"], self.id)
-        self._warm_start_fingerprint = ""
 
     def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
         """The newest Model of this Trainer in this pipeline, when warm starting."""
         if not self.params["warm_start"]:
             return {}
         latest = store.latest_artifacts(MODEL.name, pipeline_name, {"producer_component": self.id})
-        if not latest:
-            return {}
-        self._warm_start_fingerprint = str(latest[0].properties.get("fingerprint", latest[0].uri))
-        return {"warm_start_model": latest[0]}
-
-    def external_fingerprint(self, inputs=None) -> str:
-        """The warm-start model is a starting point outside the inputs: a new one means a new result."""
-        return self._warm_start_fingerprint
+        # Part of the cache key as a resolved artifact: a new starting point means a new result.
+        return {"warm_start_model": latest[0]} if latest else {}
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         examples = input_static["examples"]
