@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,7 +30,16 @@ from beam_pipeline.artifacts import (
     Artifact,
 )
 from beam_pipeline.errors import MetadataError
-from beam_pipeline.metadata import PIPELINE_CONTEXT, RUN_CONTEXT, STATE_NAMES, MetadataStore
+from beam_pipeline.metadata import (
+    ABANDONED,
+    ABANDONED_PREFIX,
+    PIPELINE_CONTEXT,
+    RUN_CONTEXT,
+    STALE_HEARTBEAT_S,
+    STATE_NAMES,
+    MetadataStore,
+    launcher_alive,
+)
 
 EXECUTION_COLUMNS = (
     "id",
@@ -105,7 +115,23 @@ def _duration_s(e: mlmd_pb2.Execution) -> float | None:
 
 
 def state_name(e: mlmd_pb2.Execution) -> str:
+    """The execution's state; ABANDONED for one whose launcher died before it finished."""
+    error = prop_value(e, "error")
+    if e.last_known_state == mlmd_pb2.Execution.FAILED and str(error or "").startswith(ABANDONED_PREFIX):
+        return ABANDONED
     return STATE_NAMES.get(e.last_known_state, "UNKNOWN")
+
+
+def _launcher_gone(run_context: mlmd_pb2.Context) -> bool:
+    """True when the run's launcher is known dead: gone from this host, or silent for too long."""
+    raw = prop_value(run_context, "launcher")
+    if not raw:
+        return False
+    alive = launcher_alive(json.loads(raw))
+    if alive is not None:
+        return not alive
+    beat_ms = prop_value(run_context, "heartbeat_ms") or 0
+    return time.time() - beat_ms / 1000 > STALE_HEARTBEAT_S
 
 
 def execution_config(e: mlmd_pb2.Execution) -> dict[str, Any]:
@@ -218,6 +244,8 @@ def run_state(states: list[str]) -> str:
     """A run's state from its executions': any failure fails it; all cached means nothing ran."""
     if "FAILED" in states:
         return "FAILED"
+    if ABANDONED in states:
+        return ABANDONED
     if any(s in ("RUNNING", "NEW", "UNKNOWN") for s in states):
         return "RUNNING"
     if states and all(s == "CACHED" for s in states):
@@ -236,6 +264,8 @@ def runs(store: MetadataStore | str, pipeline_name: str | None = None) -> pd.Dat
             continue
         found = store.mlmd.get_executions_by_context(ctx.id)
         states = [state_name(e) for e in found]
+        if "RUNNING" in states and _launcher_gone(ctx):  # killed; the next run of it will record that
+            states = [ABANDONED if s == "RUNNING" else s for s in states]
         starts = [s for s in (prop_value(e, "start_time_ms") for e in found) if s]
         ends = [s for s in (prop_value(e, "end_time_ms") for e in found) if s]
         start, end = (min(starts) if starts else None), (max(ends) if ends else None)
