@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import click
 
 from beam_pipeline.serving.names import parse_version_labels
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM stop the server whatever the process inherited.
+
+    A command started from a background shell job inherits SIGINT ignored (and dispositions or a signal
+    mask survive exec), so without this Ctrl-C-style stops are lost. While uvicorn runs it handles both
+    signals itself (a graceful shutdown), then re-raises the signal into these handlers.
+    """
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dict[str, int]:
@@ -99,10 +118,11 @@ def serve(
     log_level: str,
 ) -> None:
     """Serve the pushed SavedModels under MODEL_BASE_PATH over TF Serving's REST API."""
-    # Imported here because it imports TensorFlow, which `beam-pipeline --help` should not wait for.
-    from beam_pipeline.serving import server
-
+    _stop_on_signals()
     try:
+        # Imported here because it imports TensorFlow, which `beam-pipeline --help` should not wait for.
+        from beam_pipeline.serving import server
+
         server.serve(
             model_base_path,
             model_name,
@@ -120,3 +140,6 @@ def serve(
         )
     except ValueError as e:  # bad configuration, e.g. a model name outside the allowed characters
         raise click.UsageError(str(e)) from None
+    except KeyboardInterrupt as e:  # SIGINT or SIGTERM: a stop on request (after a graceful shutdown if serving)
+        click.echo(f"stopped by {e or 'SIGINT'}", err=True)
+        sys.exit(0)

@@ -10,50 +10,30 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
 import uvicorn
 
-from beam_pipeline.ports import free_port
 from beam_pipeline.serving.server import create_app
 from beam_pipeline.serving.testing import expected_score
 from tests.serving.conftest import ROW, V1_BIAS, V2_BIAS
+from tests.serving.serve_process import ROOT, serve_process, spawned_children, stop, wait_for
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def wait_for(condition, what: str, proc: subprocess.Popen | None = None) -> None:
-    for _ in range(1200):  # a bound on a wait, not a timing assertion
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode} before {what}")
-        try:
-            if condition():
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting until {what}")
 
 
 @contextlib.contextmanager
 def _serve_command(base_path: str, log_path, *flags: str):
-    """`beam-pipeline serve` in a subprocess on a free port; yields (process, model URL); it must exit 0 on SIGINT."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "beam_pipeline", "serve", "--model_base_path", base_path, "--model_name", "taxi"]
-    cmd += ["--port", str(port), *flags]
-    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONPATH": ROOT}
-    with open(log_path, "w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        try:
-            yield proc, f"http://127.0.0.1:{port}/v1/models/taxi"
-        finally:
-            proc.send_signal(signal.SIGINT)
-            returncode = proc.wait(timeout=60)
-        log.seek(0)
-        assert returncode == 0, log.read()
+    """`beam-pipeline serve` in a subprocess on a free port; yields (process, model URL); it must exit 0 on SIGINT.
+
+    Its process group is killed on the way out whatever happened, so a failing test leaves nothing running.
+    """
+    with serve_process(base_path, log_path, *flags) as (proc, url):
+        yield proc, url
+        returncode = stop(proc, signal.SIGINT, log_path)
+        with open(log_path) as log:
+            assert returncode == 0, log.read()
 
 
 def test_serve_command(base_path, push, tmp_path):
@@ -71,17 +51,6 @@ def test_serve_command(base_path, push, tmp_path):
         assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V1_BIAS), rel=1e-6)
 
 
-def _spawned_children(pid: int) -> int:
-    """Worker processes multiprocessing spawned under `pid` (not its resource tracker)."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        children = f.read().split()
-    count = 0
-    for child in children:
-        with contextlib.suppress(FileNotFoundError), open(f"/proc/{child}/cmdline", "rb") as f:
-            count += b"spawn_main" in f.read()
-    return count
-
-
 def test_serve_command_with_two_worker_processes(base_path, push, tmp_path):
     flags = ["--poll_interval_s", "0.2", "--workers", "2"]
     with _serve_command(base_path, tmp_path / "server.log", *flags) as (proc, url):
@@ -94,7 +63,7 @@ def test_serve_command_with_two_worker_processes(base_path, push, tmp_path):
             ]
 
         wait_for(lambda: httpx.get(url, timeout=30).status_code == 200, "the server is up", proc)
-        wait_for(lambda: _spawned_children(proc.pid) == 2, "two worker processes run", proc)
+        wait_for(lambda: len(spawned_children(proc.pid)) == 2, "two worker processes run", proc)
         v1, v2 = expected_score(2.0, "Cash", V1_BIAS), expected_score(2.0, "Cash", V2_BIAS)
         assert scores() == pytest.approx([v1] * 20, rel=1e-6)
         push(base_path, 2)
@@ -119,7 +88,8 @@ def test_concurrent_clients_each_get_their_own_rows(base_path):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    # A daemon thread, so a server that does not stop cannot keep the test process alive either.
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     rows = [
         {"trip_miles": float(i), "trip_seconds": i, "payment_type": "Cash" if i % 2 else "Card"} for i in range(200)
@@ -141,6 +111,10 @@ def test_concurrent_clients_each_get_their_own_rows(base_path):
     finally:
         server.should_exit = True
         thread.join(60)
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(60)
         sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop"
     expected = [expected_score(r["trip_miles"], r["payment_type"], V1_BIAS) for r in rows]
     assert results == pytest.approx(expected, rel=1e-6)
