@@ -63,21 +63,20 @@ def artifact_fingerprint(artifact: Artifact) -> str:
     return str(fingerprint) if fingerprint else f"uri:{artifact.uri}"
 
 
-def resolved_fingerprints(
-    resolved: Mapping[str, Any], inputs: Mapping[str, Sequence[Artifact]]
-) -> dict[str, str | None]:
-    """Fingerprints of the resolved artifacts, each None when it is one of the inputs.
+def resolved_fingerprints(resolved: Mapping[str, Any], inputs: Mapping[str, Sequence[Artifact]]) -> dict[str, str]:
+    """Fingerprints of the resolved artifacts, leaving out those that are one of the inputs.
 
     A resolved artifact that is also an input (a cached model that is its own baseline, the previous
-    run's statistics that are this run's) adds nothing the inputs do not already say, so an
-    unchanged pipeline stays fully cached.
+    run's statistics that are this run's) adds nothing the inputs do not already say, and counts as
+    none resolved, so an unchanged pipeline stays fully cached.
     """
     own = {artifact_fingerprint(a) for arts in inputs.values() for a in arts}
-    out: dict[str, str | None] = {}
+    out: dict[str, str] = {}
     for name, value in sorted(resolved.items()):
         if isinstance(value, Artifact):
             fingerprint = artifact_fingerprint(value)
-            out[name] = None if fingerprint in own else fingerprint
+            if fingerprint not in own:
+                out[name] = fingerprint
         else:
             out[name] = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
     return out
