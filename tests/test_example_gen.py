@@ -9,7 +9,7 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 import pytest
 
-from beam_pipeline import artifact_io
+from beam_pipeline import artifact_io, caching
 from beam_pipeline.errors import InputDataError
 from tests.helpers import executions_by_state, run_components, store_at
 from transforms import _example_io as io_
@@ -231,3 +231,196 @@ def test_partition_feature_keeps_each_value_in_one_split():
     users = {name: set(table.column("user").take(pa.array(rows)).to_pylist()) for name, rows in splits.items()}
     assert users["train"] and users["eval"] and not users["train"] & users["eval"]
     assert len(users["train"]) + len(users["eval"]) == 40
+
+
+# -- types from every row, not a sample --------------------------------------------------------------
+def test_a_value_outside_any_sample_widens_the_column_and_is_noted(tmp_path):
+    # 1.2 MB: a sample of start, middle and end would miss rows 30,000-30,001.
+    text = HEADER + _rows(30000) + "7.5,1,x\n" + "8,2,y\n" + _rows(30000, 30000)
+    path = _write(tmp_path / "d.csv", text)
+    scan = io_.scan_csv([path])
+    assert scan.schema.field("a").type == pa.float64()
+    assert scan.schema.field("c").type == pa.string()
+    [note] = scan.notes
+    assert "column 'a' read as float64" in note and "data row 30001" in note and "'7.5'" in note
+    assert scan.digests == {path: caching.file_fingerprint(path)}
+
+
+def test_an_int_column_with_a_word_in_its_last_row_becomes_string(tmp_path):
+    path = _write(tmp_path / "d.csv", HEADER + _rows(50000) + "late,1.0,x\n")
+    scan = io_.scan_csv([path])
+    assert scan.schema.field("a").type == pa.string()
+    assert "column 'a' read as string" in scan.notes[0] and "'late', not an integer" in scan.notes[0]
+    tables, bad = _parse_all(path, "skip", block=1 << 16)
+    assert not bad and sum(t.num_rows for t in tables) == 50001
+
+
+def test_inferred_types_agree_with_the_csv_reader_on_edge_values(tmp_path):
+    # Whatever the scan calls int or float, the block parser must read without a bad row, and a
+    # value the reader rejects must widen the column.
+    for values, expected in [
+        ([" 1", "2 ", "-3", "0x10"], pa.int64()),
+        (["1", "1e3", ".5", "5.", "nan", "-inf", " 2.5"], pa.float64()),
+        (["1", "+2"], pa.string()),
+        (["1", "1_000"], pa.string()),
+        (["1.5", "1e"], pa.string()),
+        (["", "3"], pa.int64()),
+        (["", '""'], pa.string()),
+    ]:
+        path = _write(tmp_path / "e.csv", "v,w\n" + "".join(f"{v},x\n" for v in values))
+        schema = io_.infer_csv_types([path])
+        assert schema.field("v").type == expected, values
+        table, bad = io_.parse_csv_block(path, 0, os.path.getsize(path), schema, "error")
+        assert not bad and table.num_rows == len(values)
+
+
+# -- skip mode is linear --------------------------------------------------------------------------------
+def _count_parses(monkeypatch) -> list[int]:
+    calls = []
+    original = pv.read_csv
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(io_.pv, "read_csv", counting)
+    return calls
+
+
+def _interleaved(n_good: int, n_bad: int) -> str:
+    lines, bad_every = [], max(1, n_good // max(1, n_bad))
+    b = 0
+    for i in range(n_good):
+        lines.append(f"{i},{i * 0.5},s{i % 7}\n")
+        if b < n_bad and i % bad_every == 0:
+            lines.append(f"bad{b},{b},z\n" if b % 2 else f"{b},oops{b},z\n")
+            b += 1
+    return HEADER + "".join(lines)
+
+
+def test_skip_mode_parses_a_block_a_fixed_number_of_times_however_many_rows_are_bad(tmp_path, monkeypatch):
+    schema = pa.schema([("a", pa.int64()), ("b", pa.float64()), ("c", pa.string())])
+    parses = {}
+    for n_bad in (10, 10000):
+        path = _write(tmp_path / f"bad{n_bad}.csv", _interleaved(20000, n_bad))
+        calls = _count_parses(monkeypatch)
+        table, bad = io_.parse_csv_block(path, 0, os.path.getsize(path), schema, "skip")
+        parses[n_bad] = len(calls)
+        monkeypatch.undo()
+        assert len(bad) == n_bad
+        assert table.column("a").to_pylist() == list(range(20000))
+        assert table.column("b").to_pylist() == [i * 0.5 for i in range(20000)]
+        lines = open(path).read().split("\n")
+        for record in bad:  # each names the right line, column and what was expected
+            assert lines[record.line - 1] == record.text
+            column = "a" if record.text.startswith("bad") else "b"
+            assert record.reason.startswith(f"column {column!r}: expected "), record
+    assert parses == {10: 2, 10000: 2}
+
+
+def test_ten_thousand_bad_rows_in_one_block_are_quarantined_and_counted(tmp_path):
+    data = _write(tmp_path / "d.csv", _interleaved(20000, 10000))
+    gen = ExampleGen(input_base=data, on_bad_record="skip", column_types={"a": "int", "b": "float"})
+    examples = run_components(tmp_path / "root", [gen]).artifact("ExampleGen", "examples")
+    assert examples.properties["bad_records"] == 10000
+    assert sum(examples.properties["row_counts"].values()) == 20000
+    quarantined = open(os.path.join(examples.uri, "Quarantine", "part-00000.txt")).read().splitlines()
+    assert len(quarantined) == 10000
+    assert all("d.csv:" in q and ": column '" in q for q in quarantined)
+
+
+def test_line_numbers_count_empty_lines_and_quoted_newlines(tmp_path):
+    text = HEADER + '1,1.0,x\n\n2,2.0,"two\nlines"\n3\n4,4.0,y\nfive,5.0,z\n6,6.0,w\n'
+    path = _write(tmp_path / "d.csv", text)
+    schema = pa.schema([("a", pa.int64()), ("b", pa.float64()), ("c", pa.string())])
+    with pytest.raises(InputDataError, match=r"d\.csv:6: expected 3 columns, got 1: '3'"):
+        io_.parse_csv_block(path, 0, os.path.getsize(path), schema, "error")
+    table, bad = io_.parse_csv_block(path, 0, os.path.getsize(path), schema, "skip")
+    assert table.column("a").to_pylist() == [1, 2, 4, 6]
+    assert table.column("c").to_pylist() == ["x", "two\nlines", "y", "w"]
+    assert [(b.line, b.reason) for b in bad] == [
+        (6, "expected 3 columns, got 1"),
+        (8, "column 'a': expected an integer (int64), got 'five'"),
+    ]
+
+
+# -- compressed input ---------------------------------------------------------------------------------
+def _examples_rows(examples) -> dict[str, list]:
+    out = {}
+    for split in examples.properties["split_names"]:
+        batches = artifact_io.read_parquet_batches(os.path.join(examples.uri, f"Split-{split}", "*.parquet"))
+        table = pa.Table.from_batches(batches)
+        out[split] = sorted(map(repr, table.to_pylist()))
+    return out
+
+
+def test_compressed_csv_gives_the_same_examples_as_the_plain_file(tmp_path, taxi_small_csv):
+    import bz2
+    import gzip
+
+    raw = open(taxi_small_csv, "rb").read()
+    with gzip.open(tmp_path / "data.csv.gz", "wb") as f:
+        f.write(raw)
+    (tmp_path / "data.csv.bz2").write_bytes(bz2.compress(raw))
+    assert io_.byte_ranges(str(tmp_path / "data.csv.gz"), 4096) == [
+        (str(tmp_path / "data.csv.gz"), 0, os.path.getsize(tmp_path / "data.csv.gz"))
+    ]
+    gens = [
+        ExampleGen(input_base=taxi_small_csv, block_size_bytes=64 << 10).with_id("plain"),
+        ExampleGen(input_base=str(tmp_path / "data.csv.gz"), block_size_bytes=64 << 10).with_id("gz"),
+        ExampleGen(input_base=str(tmp_path / "data.csv.bz2")).with_id("bz2"),
+    ]
+    result = run_components(tmp_path / "root", gens)
+    plain, gz, bz = (result.artifact(g, "examples") for g in ("plain", "gz", "bz2"))
+    assert sum(plain.properties["row_counts"].values()) == 1500
+    assert gz.properties["row_counts"] == plain.properties["row_counts"] == bz.properties["row_counts"]
+    assert _examples_rows(gz) == _examples_rows(plain) == _examples_rows(bz)
+
+
+def test_a_bad_line_in_a_compressed_file_is_named_by_its_line(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "d.csv.gz", "wt") as f:
+        f.write(HEADER + _rows(100) + "1,2\n")
+    with pytest.raises(InputDataError, match=r"d\.csv\.gz:102: expected 3 columns, got 2"):
+        _parse_all(str(tmp_path / "d.csv.gz"))
+
+
+# -- listing errors are not "no such file" ----------------------------------------------------------------
+def test_a_filesystem_error_while_listing_names_the_pattern_and_is_not_no_match(tmp_path, monkeypatch):
+    from apache_beam.io.filesystem import BeamIOError
+    from apache_beam.io.filesystems import FileSystems
+
+    pattern = "gs://bucket/data/*.csv"
+
+    def denied(patterns, limits=None):
+        raise BeamIOError("Match operation failed", {patterns[0]: PermissionError(13, "403 Forbidden: caller lacks")})
+
+    monkeypatch.setattr(FileSystems, "match", staticmethod(denied))
+    with pytest.raises(
+        InputDataError, match=r"input path 'gs://bucket/data/\*\.csv' cannot be listed \(PermissionError"
+    ):
+        io_.match_files([pattern])
+
+    def missing(patterns, limits=None):
+        raise BeamIOError("Match operation failed", {patterns[0]: FileNotFoundError(2, "No such file")})
+
+    monkeypatch.setattr(FileSystems, "match", staticmethod(missing))
+    with pytest.raises(InputDataError, match=r"input path 'gs://bucket/data/\*\.csv' matches no file"):
+        io_.match_files([pattern])
+
+
+# -- nothing memoized across runs ------------------------------------------------------------------------
+def test_running_the_same_pipeline_object_again_sees_a_new_input_file(tmp_path):
+    from beam_pipeline import Pipeline, launcher
+
+    _write(tmp_path / "part0.csv", HEADER + _rows(300))
+    pipeline = Pipeline("again", str(tmp_path / "root"), [ExampleGen(input_base=str(tmp_path / "part*.csv"))])
+    first = launcher.run(pipeline).artifact("ExampleGen", "examples")
+    assert sum(first.properties["row_counts"].values()) == 300
+    _write(tmp_path / "part1.csv", HEADER + _rows(200, 300))
+    second = launcher.run(pipeline).artifact("ExampleGen", "examples")
+    assert second.id != first.id
+    assert sum(second.properties["row_counts"].values()) == 500
+    batches = artifact_io.read_parquet_batches(os.path.join(second.uri, "Split-*", "*.parquet"))
+    assert sorted(v[0] for b in batches for v in b.column("a").to_pylist()) == list(range(500))
