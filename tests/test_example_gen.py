@@ -424,3 +424,23 @@ def test_running_the_same_pipeline_object_again_sees_a_new_input_file(tmp_path):
     assert sum(second.properties["row_counts"].values()) == 500
     batches = artifact_io.read_parquet_batches(os.path.join(second.uri, "Split-*", "*.parquet"))
     assert sorted(v[0] for b in batches for v in b.column("a").to_pylist()) == list(range(500))
+
+
+def test_a_stray_quote_does_not_stop_the_type_scan(tmp_path):
+    # Arrow's streaming reader folds everything after the quote into one field; the float after it counts.
+    path = _write(tmp_path / "d.csv", HEADER + _rows(200) + '7,1.0,"open\n' + _rows(200, 200) + "9.5,1,z\n")
+    assert io_.infer_csv_types([path]).types == [pa.float64(), pa.float64(), pa.string()]
+    tables, bad = _parse_all(path, "skip")
+    assert [b.line for b in bad] == [202]
+    assert sum(t.num_rows for t in tables) == 401
+
+
+def test_the_fingerprint_handed_over_by_the_type_scan_is_the_files_own_and_used_once(tmp_path):
+    path = _write(tmp_path / "d.csv", HEADER + _rows(100))
+    gen = ExampleGen(input_base=path)
+    fresh = gen.external_fingerprint()
+    gen.static_outputs({})
+    assert gen.external_fingerprint() == fresh
+    gen.static_outputs({})
+    _write(tmp_path / "d.csv", HEADER + _rows(101))  # changed after the scan: its digest must not be used
+    assert gen.external_fingerprint() != fresh

@@ -226,6 +226,7 @@ def _convert(values: pa.Array, target: pa.DataType) -> pa.Array:
 # -- column types from every row --------------------------------------------------------------------
 _NULL, _INT, _FLOAT, _STRING = range(4)
 _RANK_TYPES = {_NULL: pa.string(), _INT: pa.int64(), _FLOAT: pa.float64(), _STRING: pa.string()}
+_RANK_NAMES = {_INT: "int64", _FLOAT: "float64", _STRING: "string"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +258,7 @@ class _ColumnType:
             i = int(np.argmax(unconvertible(values, target)))
             wider = _FLOAT if self.rank == _INT and _converts(values.slice(i, 1), pa.float64()) else _STRING
             self.notes.append(
-                f"column {self.name!r} read as {_RANK_TYPES[wider]}: {path} data row {rows_before + i + 1} "
+                f"column {self.name!r} read as {_RANK_NAMES[wider]}: {path} data row {rows_before + i + 1} "
                 f"holds {values[i].as_py()!r}, not {_EXPECTED[str(target)]} like the rows before it"
             )
             self.rank = wider
@@ -276,10 +277,12 @@ class _Digesting:
 
     def __init__(self, f):
         self._f, self._hash = f, hashlib.blake2b(digest_size=16)
+        self.quotes = 0  # odd at the end: a stray quote swallowed the rest of the file into one field
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read() if n is None or n < 0 else self._f.read(n)
         self._hash.update(data)
+        self.quotes += data.count(b'"')
         return data
 
     def readable(self) -> bool:
@@ -354,8 +357,11 @@ def _scan_file(path: str, names: list[str], columns: dict[str, _ColumnType]) -> 
                 rows += batch.num_rows
             streamed = True
         except pa.ArrowInvalid:
-            streamed = False  # e.g. a stray quote: re-read by line-aligned blocks, as the run will
+            streamed = False
         digest = stream.hexdigest()
+        streamed = streamed and stream.quotes % 2 == 0
+    # A stray quote or unparsable text: re-read by line-aligned blocks, as the run will, so the rows
+    # the run keeps are the rows the types come from.
     if not streamed:
         schema = pa.schema([pa.field(n, pa.string()) for n in names])
         rows = 0
