@@ -9,6 +9,7 @@ closest to the neighbours' that keep every box apart. Data flows left to right.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import io
 import itertools
@@ -30,11 +31,6 @@ STROKE = "#546e7a"
 BACKGROUND = "#ffffff"
 FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
 _SWEEPS = 12
-
-# Advance widths of DejaVu Sans (the font matplotlib ships and CI installs) in em, by character class:
-# a box sized from these fits its text in that font and in the narrower Helvetica/Arial.
-_NARROW, _WIDE = set("iljtfr.,:;!|'()[]{} "), set("mwMW@%")
-
 
 @dataclasses.dataclass(frozen=True)
 class Node:
@@ -74,23 +70,20 @@ class Layout:
     routes: list[tuple[Edge, list[tuple[float, float]]]]
 
 
-def text_width(text: str, size: float) -> float:
-    """An upper estimate of `text`'s rendered width at font `size` (px)."""
-    em = 0.0
-    for ch in text:
-        if ch in _NARROW:
-            em += 0.36
-        elif ch in _WIDE:
-            em += 0.95
-        elif ch.isupper() or ch.isdigit() or ch in "#_&":
-            em += 0.72
-        else:
-            em += 0.62
-    return em * size
+@functools.cache
+def text_width(text: str, size: float, bold: bool = False) -> float:
+    """`text`'s width at font `size` (px) in DejaVu Sans, which matplotlib ships (so the PNG uses it) and
+    CI installs for Chromium; the fallbacks (Helvetica, Arial) are narrower, so a box sized by it fits."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    prop = FontProperties(family="DejaVu Sans", weight="bold" if bold else "normal", size=size)
+    width, _, _ = TextToPath().get_text_width_height_descent(text, prop, ismath=False)
+    return width * 1.03
 
 
 def _box_size(node: Node) -> tuple[float, float]:
-    width = max([text_width(node.title, TITLE_SIZE)] + [text_width(line, LINE_SIZE) for line in node.lines])
+    width = max([text_width(node.title, TITLE_SIZE, bold=True)] + [text_width(line, LINE_SIZE) for line in node.lines])
     return width + 2 * PAD_X + (8.0 if node.note else 0.0), (1 + len(node.lines)) * LINE_HEIGHT + 2 * PAD_Y
 
 

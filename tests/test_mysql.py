@@ -2,7 +2,7 @@
 
 The fixture starts Debian's MariaDB on loopback with a private data directory and no grant tables,
 so no system service or password is involved; it is skipped only when the server is not installed
-or cannot start.
+or cannot start, and then fails instead when CI=true.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from beam_pipeline import queries, report
 from beam_pipeline.metadata import MetadataStore
 from beam_pipeline.ports import free_port
 from tests import _fixtures_metadata as fm
+from tests.helpers import require
 
 MARIADBD = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/local/sbin")
 INSTALL_DB = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
@@ -40,7 +41,7 @@ def _accepts(port: int) -> bool:
 def mariadb(tmp_path_factory):
     """A private MariaDB on 127.0.0.1:<free port>; yields the port and stops the server afterwards."""
     if MARIADBD is None or INSTALL_DB is None:
-        pytest.skip("MariaDB server not installed (apt-get install mariadb-server)")
+        require(False, "MariaDB server not installed (apt-get install mariadb-server)")
     base = tmp_path_factory.mktemp("mariadb")
     datadir, log = base / "data", base / "server.log"
     as_root = ["--user=root"] if os.geteuid() == 0 else []
@@ -50,7 +51,7 @@ def mariadb(tmp_path_factory):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     if install.returncode != 0:
-        pytest.skip(f"mariadb-install-db failed: {install.stderr[-500:]}")
+        require(False, f"mariadb-install-db failed: {install.stderr[-500:]}")
     port = free_port()
     server = subprocess.Popen(
         [MARIADBD, "--no-defaults", f"--datadir={datadir}", f"--socket={base / 'mysqld.sock'}", f"--port={port}",
@@ -64,7 +65,7 @@ def mariadb(tmp_path_factory):
                 break
             time.sleep(0.5)
         if server.poll() is not None or not _accepts(port):
-            pytest.skip(f"MariaDB did not start: {log.read_text()[-800:] if log.exists() else 'no log'}")
+            require(False, f"MariaDB did not start: {log.read_text()[-800:] if log.exists() else 'no log'}")
         yield port
     finally:
         server.terminate()

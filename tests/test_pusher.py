@@ -12,7 +12,7 @@ import pytest
 from beam_pipeline.artifacts import MODEL, MODEL_BLESSING, PUSHED_MODEL, Artifact
 from beam_pipeline.dsl import Component, ComponentContext
 from beam_pipeline.errors import PipelineDefinitionError
-from tests.helpers import in_process_pipeline
+from tests.helpers import in_process_pipeline, read_only_directory
 from transforms import pusher as pu
 
 
@@ -187,16 +187,14 @@ def test_serving_dir_under_a_file_is_not_writable(tmp_path):
         pu.push_model(os.path.join(model.uri, pu.SERVING_MODEL_DIR), str(serving))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to read-only directories")
 def test_read_only_serving_dir_is_not_writable(tmp_path):
     serving = tmp_path / "serving"
     serving.mkdir()
-    serving.chmod(0o555)
-    try:
-        with pytest.raises(PipelineDefinitionError, match=re.escape(f"'{serving}' is not writable")):
-            _pusher(serving).static_outputs({})
-    finally:
-        serving.chmod(0o755)
+    with (
+        read_only_directory(str(serving)),
+        pytest.raises(PipelineDefinitionError, match=re.escape(f"'{serving}' is not writable")),
+    ):
+        _pusher(serving).static_outputs({})
 
 
 def test_serving_dir_that_does_not_exist_yet_is_fine(tmp_path):

@@ -5,22 +5,22 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import xml.etree.ElementTree as ET
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import pytest
 from click.testing import CliRunner
 
-from beam_pipeline import report
+from beam_pipeline import graph_drawing, lineage, queries, report
 from beam_pipeline.cli import main
 from beam_pipeline.errors import MetadataError
 from tests import _fixtures_metadata as fm
+from tests.helpers import needs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
-needs_graphviz = pytest.mark.skipif(
-    shutil.which("dot") is None, reason="graphviz not installed (apt-get install graphviz)"
-)
+needs_chromium = needs(CHROMIUM, "chromium not installed (apt-get install chromium)")
+SVG = "{http://www.w3.org/2000/svg}"
 SECTIONS = ("pipeline", "statistics", "schema", "anomalies", "evaluation", "blessing", "push")
 
 
@@ -42,8 +42,50 @@ def chromium(page: str, tmp_path, *, screenshot: str | None = None) -> str:
     return done.stdout
 
 
+def channels(executions) -> set[tuple[str, str, str]]:
+    """(producer, consumer, input name) for every input a component read from another one in the run."""
+    produced_by = {aid: row.component_id for row in executions.itertuples() for aid in row.outputs.values()}
+    return {
+        (produced_by[aid], row.component_id, name)
+        for row in executions.itertuples()
+        for name, ids in row.inputs.items()
+        for aid in ids
+        if aid in produced_by
+    }
+
+
+def dag_of(page: str) -> ET.Element:
+    """The run report's DAG: the one `<svg>` in the pipeline section, parsed as XML."""
+    section = page.split('id="pipeline"')[1].split('id="statistics"')[0]
+    assert section.count("<svg") == 1, section[:2000]
+    return ET.fromstring(section[section.index("<svg") : section.index("</svg>") + len("</svg>")])
+
+
+@pytest.mark.slow
+def test_run_report_draws_one_box_per_component_and_one_edge_per_channel_without_graphviz(model_store, tmp_path):
+    run_a = model_store["runs"][0]
+    executions = queries.run_executions(model_store["store"], model_store["pipeline"], run_a)
+    path = report.write_run_report(model_store["store"], model_store["pipeline"], run_a, str(tmp_path / "report"))
+    svg = dag_of(open(path, encoding="utf-8").read())
+    nodes = svg.findall(f".//{SVG}g[@class='node']")
+    assert sorted(n.get("data-node") for n in nodes) == sorted(executions["component_id"])
+    for node, row in zip(nodes, executions.itertuples(), strict=True):
+        texts = [t.text for t in node.iter(f"{SVG}text")]
+        assert texts[0] == row.component_id and row.state in texts[-1]
+        assert node.find(f"{SVG}rect").get("fill") == lineage.STATE_COLORS[row.state]
+    edges = {(e.get("data-source"), e.get("data-target"), e.find(f"{SVG}text").text)
+             for e in svg.findall(f".//{SVG}g[@class='edge']")}  # fmt: skip
+    assert len(svg.findall(f".//{SVG}g[@class='edge']")) == len(edges) == len(channels(executions))
+    assert edges == channels(executions)
+    assert ("Trainer", "Evaluator", "model") in edges and ("Evaluator", "Pusher", "blessing") in edges
+    boxes = [tuple(float(n.find(f"{SVG}rect").get(k)) for k in ("x", "y", "width", "height")) for n in nodes]
+    for i, (x1, y1, w1, h1) in enumerate(boxes):
+        for x2, y2, w2, h2 in boxes[i + 1 :]:
+            assert x1 + w1 <= x2 or x2 + w2 <= x1 or y1 + h1 <= y2 or y2 + h2 <= y1, "overlapping boxes"
+    assert "graphviz" not in open(path, encoding="utf-8").read()
+
+
 @needs_chromium
-@needs_graphviz
 @pytest.mark.slow
 def test_full_run_report_shows_every_section(model_store, tmp_path):
     run_a = model_store["runs"][0]
@@ -63,10 +105,30 @@ def test_full_run_report_shows_every_section(model_store, tmp_path):
     assert os.path.join(os.path.dirname(model_store["root"]), "serving") in dom
     for remote in ('src="http', "src='http", 'href="http', "url(http", "<script"):
         assert remote not in dom  # nothing fetched from a network: the page works from disk alone
+    dag = dag_of(dom)  # Chromium's DOM holds the drawing itself, every component a box
+    assert {n.get("data-node") for n in dag.findall(f".//{SVG}g[@class='node']")} >= {"ExampleGen", "Pusher"}
     shot = str(tmp_path / "report.png")
     chromium(path, tmp_path, screenshot=shot)
     with open(shot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert_dag_painted(shot, model_store, run_a)
+
+
+def assert_dag_painted(shot: str, model_store: dict, run_id: str) -> None:
+    """The screenshot shows the boxes: most of their area in the COMPLETE green, spread across the page."""
+    from PIL import Image
+
+    executions = queries.run_executions(model_store["store"], model_store["pipeline"], run_id)
+    placed = graph_drawing.layout(*report.dag_drawing(executions))
+    complete = [placed.boxes[c] for c, s in zip(executions["component_id"], executions["state"], strict=True)
+                if s == "COMPLETE"]  # fmt: skip
+    green = tuple(int(lineage.STATE_COLORS["COMPLETE"][i : i + 2], 16) for i in (1, 3, 5))
+    image = Image.open(shot).convert("RGB")
+    scale = min(1.0, image.width * 0.9 / placed.width)  # the page may shrink a wide drawing to fit
+    xs = [x for x in range(image.width) for y in range(0, image.height, 4) if image.getpixel((x, y)) == green]
+    drawn = len(xs) * 4  # every 4th row sampled
+    assert drawn >= 0.5 * scale**2 * sum(b.w * b.h for b in complete), (drawn, len(complete))
+    assert max(xs) - min(xs) >= 0.5 * scale * placed.width  # the boxes spread across, not a badge alone
 
 
 @needs_chromium
