@@ -25,7 +25,6 @@ setup(
         "rich",
         "jinja2",
         "matplotlib",
-        "pydot",
         "pandas",
         # serving: a TF Serving-compatible REST server
         "starlette",
