@@ -66,6 +66,8 @@ def artifact_fingerprint(artifact: Artifact) -> str:
 def resolved_fingerprints(resolved: Mapping[str, Any], inputs: Mapping[str, Sequence[Artifact]]) -> dict[str, str]:
     """Fingerprints of the resolved artifacts, leaving out those that are one of the inputs.
 
+    Resolved values that are not artifacts are hints (see `Component.resolve`) and do not count.
+
     A resolved artifact that is also an input (a cached model that is its own baseline, the previous
     run's statistics that are this run's) adds nothing the inputs do not already say, and counts as
     none resolved, so an unchanged pipeline stays fully cached.
@@ -77,8 +79,6 @@ def resolved_fingerprints(resolved: Mapping[str, Any], inputs: Mapping[str, Sequ
             fingerprint = artifact_fingerprint(value)
             if fingerprint not in own:
                 out[name] = fingerprint
-        else:
-            out[name] = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
     return out
 
 

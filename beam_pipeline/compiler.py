@@ -35,6 +35,7 @@ class ComponentPlan:
     # Computed once per run by the launcher, for the cache key at plan and at publish time.
     external: str = ""
     modules: dict[str, str] = dataclasses.field(default_factory=dict)
+    staged_modules: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -167,6 +168,7 @@ def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, Component
             committed_inputs=committed_inputs,
             input_uris=input_uris,
             commit_factory=_commit_factory(p, component, plan, pipeline.name),
+            staged_modules=plan.staged_modules,
         )
         component.bind(ctx)
         try:

@@ -81,9 +81,15 @@ class ComponentContext:
     # Set by the compiler: builds the commit step of one output from its properties PCollection.
     commit_factory: Any = None
     committed_outputs: dict[str, beam.PCollection] = dataclasses.field(default_factory=dict)
+    # Module-file parameter -> its copy staged under the pipeline root at launch (what workers load).
+    staged_modules: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def output_uri(self, name: str) -> str:
         return self.output_uris[name]
+
+    def module_file(self, param: str, default: str) -> str:
+        """The staged copy of a user module parameter, else `default` (the path as configured)."""
+        return self.staged_modules.get(param, default)
 
     def publish(self, name: str, properties: beam.PCollection) -> beam.PCollection:
         """Declare that output `name` is complete once `properties` (PCollection of dicts) is done.
@@ -111,6 +117,10 @@ class Component(beam.PTransform):
     # reliable consumer of bulk data sets this to run fused with its producers instead (a failure then
     # also fails them, and a rerun redoes them).
     FUSE_WITH_PRODUCERS: ClassVar[bool] = False
+    # The external fingerprint is taken when the run is planned, before anything reads the inputs.
+    # A component that changes the world it fingerprints (the Pusher adds a version to the serving
+    # directory) sets this so the key it records describes the world as it left it: a rerun finds that.
+    FINGERPRINT_AFTER_RUN: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -182,7 +192,12 @@ class Component(beam.PTransform):
         return {name: {} for name in self.OUTPUTS}
 
     def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
-        """Previous artifacts this component needs from ML Metadata, looked up before the graph is built."""
+        """Previous artifacts this component needs from ML Metadata, looked up before the graph is built.
+
+        Artifact values decide the outputs and are part of the cache key (a baseline model, a
+        warm-start model); other values are hints that change how, not what, it outputs (the
+        Pusher's last push, which only saves a copy) and are not.
+        """
         return {}
 
     def always_run(self) -> bool:

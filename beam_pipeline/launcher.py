@@ -27,7 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline import artifact_io, caching
+from beam_pipeline import artifact_io, caching, staging
 from beam_pipeline.artifacts import Artifact
 from beam_pipeline.compiler import ComponentPlan, build_graph
 from beam_pipeline.dsl import Pipeline
@@ -228,6 +228,7 @@ def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans:
         input_static = {n: plans[ch.producer.id].static_outputs.get(ch.name, {}) for n, ch in c.inputs.items()}
         plan = ComponentPlan(c, c.static_outputs(input_static), c.resolve(store, pipeline.name))
         plan.modules = caching.module_digests(c)
+        plan.staged_modules = staging.stage_modules(pipeline.root, c)
         plans[c.id] = plan
         inputs = _input_artifacts(c, plans)
         plan.external = c.external_fingerprint(inputs)
@@ -246,6 +247,8 @@ def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans:
                     cache_key=key,
                     contexts=contexts,
                 )
+                if plan.staged_modules:
+                    store.annotate_execution(execution_id, staged_modules=plan.staged_modules)
                 store.finish_execution(
                     execution_id,
                     state=mlmd_pb2.Execution.CACHED,
@@ -272,7 +275,7 @@ def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans:
         plan.output_uris = {
             out: FileSystems.join(pipeline.root, c.id, out, str(plan.execution_id)) for out in c.OUTPUTS
         }
-        store.record_output_uris(plan.execution_id, plan.output_uris)
+        store.annotate_execution(plan.execution_id, output_uris=plan.output_uris, staged_modules=plan.staged_modules)
 
 
 def _input_artifacts(component, plans) -> dict[str, list[Artifact]] | None:
@@ -313,7 +316,8 @@ def _publish_ready(pipeline, plans, store, contexts, result, start_ms) -> bool:
         inputs = {name: [result.components[ch.producer.id].artifacts[ch.name]] for name, ch in c.inputs.items()}
         end_ms = max(m["committed_at_ms"] for m in markers.values())
         began_ms = max([start_ms] + [result.components[up.id].end_time_ms or start_ms for up in c.upstream])
-        key = caching.cache_key(c, inputs, resolved=plan.resolved, external=plan.external, modules=plan.modules)
+        external = c.external_fingerprint(inputs) if c.FINGERPRINT_AFTER_RUN else plan.external
+        key = caching.cache_key(c, inputs, resolved=plan.resolved, external=external, modules=plan.modules)
         store.finish_execution(
             plan.execution_id,
             state=mlmd_pb2.Execution.COMPLETE,

@@ -339,12 +339,14 @@ class MetadataStore:
             )
             return execution_id
 
-    def record_output_uris(self, execution_id: int, output_uris: Mapping[str, str]) -> None:
-        """Where a running execution writes, so a run that finds it abandoned can remove its files."""
+    def annotate_execution(self, execution_id: int, **facts: Mapping[str, str]) -> None:
+        """Record facts known once an execution is registered, as JSON custom properties: where it
+        writes (so a run that finds it abandoned can remove its files), the module copies it loads."""
         with self._lock:
             [e] = self._read("reading an execution", lambda: self._store.get_executions_by_id([execution_id]))
-            e.custom_properties["output_uris"].string_value = json.dumps(dict(output_uris), sort_keys=True)
-            self._write("recording output URIs", lambda: self._store.put_executions([e]))
+            for name, value in facts.items():
+                e.custom_properties[name].string_value = json.dumps(dict(value), sort_keys=True)
+            self._write("annotating an execution", lambda: self._store.put_executions([e]))
 
     def finish_execution(
         self,

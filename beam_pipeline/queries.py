@@ -902,12 +902,18 @@ def statistics_diff(lhs_stats: Any, rhs_stats: Any) -> pd.DataFrame:
 
 
 def module_source(store: MetadataStore, execution: mlmd_pb2.Execution, key: str) -> tuple[str | None, str]:
-    """(text, where it came from) of a user module: the copy in the execution's outputs, else the path now."""
+    """(text, where it came from) of a user module: the copy staged at launch, which is what the
+    execution ran; for runs recorded before staging, a copy in its outputs, else the path now."""
     from apache_beam.io.filesystems import FileSystems
 
     path = execution_config(execution).get(key)
     if not path:
         return None, "not configured"
+    staged = json.loads(prop_value(execution, "staged_modules") or "{}").get(key)
+    if staged:
+        if not FileSystems.exists(staged):
+            return None, f"the copy staged at launch, {staged}, no longer exists"
+        return artifact_io.read_bytes(staged).decode(errors="replace"), f"{path} as staged at launch: {staged}"
     name = os.path.basename(path)
     for artifact in _outputs_of(store, execution.id).values():
         patterns = [artifact_io.join(artifact.uri, name), artifact_io.join(artifact.uri, "**", name)]

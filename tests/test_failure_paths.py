@@ -265,3 +265,87 @@ def test_a_partly_deleted_artifact_is_not_reused(tmp_path, taxi_small_csv):
     assert not artifact_io.is_intact(examples.uri)
     again = launcher.run(pipeline())
     assert {c.id: c.state for c in again.components.values()} == {"ExampleGen": "COMPLETE", "StatisticsGen": "COMPLETE"}
+
+
+TAXI_KILL_PIPELINE = """
+import sys
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {examples!r})
+import pipeline as taxi
+
+
+def create_pipeline(pipeline_root={root!r}):
+    return taxi.create_pipeline(
+        pipeline_root=pipeline_root, data_path={data!r}, train_steps=40, module_file={module!r}
+    )
+"""
+
+TAXI_KILL_MODULE = '''
+"""The taxi module, with a run_fn that says when training has started."""
+import os
+import sys
+
+sys.path.insert(0, {examples!r})
+from taxi_utils import *  # noqa: F403
+import taxi_utils
+
+
+def run_fn(fn_args):
+    open({started!r}, "a").close()
+    return taxi_utils.run_fn(fn_args)
+'''
+
+
+@pytest.mark.slow
+def test_killing_the_taxi_launcher_while_the_trainer_runs_then_rerunning(tmp_path, taxi_small_csv):
+    """kill -9 mid-training: nothing of that Trainer is published; the rerun reuses what committed."""
+    examples = os.path.join(REPO, "examples", "chicago_taxi")
+    started = tmp_path / "trainer_started"
+    module = tmp_path / "taxi_module.py"
+    module.write_text(TAXI_KILL_MODULE.format(examples=examples, started=str(started)))
+    root = tmp_path / "root"
+    pipeline_file = tmp_path / "taxi_pipeline.py"
+    pipeline_file.write_text(
+        TAXI_KILL_PIPELINE.format(
+            repo=REPO, examples=examples, root=str(root), data=_data(tmp_path, taxi_small_csv), module=str(module)
+        )
+    )
+    process = _start_cli(str(pipeline_file), tmp_path)
+    try:
+        _wait_for(started.exists, "the Trainer's run_fn to start", process)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        _kill(process)
+    store = store_at(root)
+    before = _states(root)
+    assert before["RUNNING"] and "Trainer" in before["RUNNING"], before
+    [trainer] = [
+        e
+        for e in store.mlmd.get_executions()
+        if e.properties["component_id"].string_value == "Trainer" and e.last_known_state == e.RUNNING
+    ]
+    model_dir = json.loads(trainer.custom_properties["output_uris"].string_value)["model"]
+    committed = {a.id: a.uri for a in store.get_artifacts(a.id for a in store.mlmd.get_artifacts())}
+    assert model_dir not in committed.values()  # nothing half-written was ever published
+    started.unlink()
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "beam_pipeline", "run", str(pipeline_file)],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1"},
+    )
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    store = store_at(root)
+    [run_id] = queries.runs(store, "chicago_taxi")["run_id"][:1]
+    states = {row.component_id: row.state for row in queries.run_executions(store, "chicago_taxi", run_id).itertuples()}
+    reused = {c for c, s in states.items() if s == "CACHED"}
+    assert {"ExampleGen", "StatisticsGen", "SchemaGen", "Transform"} <= reused, states
+    assert states["Trainer"] == "COMPLETE" and states["Pusher"] == "COMPLETE", states
+    assert "RUNNING" not in set(queries.runs(store, "chicago_taxi")["state"])
+    assert not os.path.exists(model_dir)  # the dead Trainer's half-written model was removed
+    for artifact in store.get_artifacts(a.id for a in store.mlmd.get_artifacts()):
+        assert artifact_io.is_intact(artifact.uri), artifact.uri  # every published artifact is whole

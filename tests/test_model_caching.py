@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -24,8 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from beam_pipeline import Pipeline, caching, launcher
+from beam_pipeline import Pipeline, caching, launcher, staging
 from beam_pipeline.launcher import RunResult
+from beam_pipeline.metadata import MetadataStore
 from examples.chicago_taxi.pipeline import MODULE_FILE, create_pipeline
 from transforms.evaluator import Evaluator, binary_classification_eval_config
 from transforms.pusher import Pusher
@@ -177,7 +179,7 @@ def test_unchanged_pipeline_runs_nothing_and_pushes_no_new_version(base, rerun):
     assert set(states(result).values()) == {"CACHED"}, states(result)
     assert artifact_ids(result) == artifact_ids(base.result)
     assert result.artifact("Pusher", "pushed_model").properties["pushed_version"] == 1
-    assert sorted(os.listdir(base.serving)) == ["1"]
+    assert sorted(os.listdir(base.serving)) == [".push.lock", "1"]  # the Pusher's lock file
 
 
 def test_a_removed_version_is_pushed_again_without_retraining(base, rerun, tmp_path):
@@ -190,7 +192,7 @@ def test_a_removed_version_is_pushed_again_without_retraining(base, rerun, tmp_p
         pushed = result.artifact("Pusher", "pushed_model").properties
         assert pushed["model_uri"] == base.result.artifact("Trainer", "model").uri
         assert (pushed["pushed"], pushed["pushed_version"]) == (1, 1), pushed
-        assert sorted(os.listdir(base.serving)) == ["1"]
+        assert sorted(os.listdir(base.serving)) == [".push.lock", "1"]  # the Pusher's lock file
         assert sorted(os.listdir(base.serving / "1")) == sorted(os.listdir(aside))
     finally:
         shutil.rmtree(base.serving / "1", ignore_errors=True)
@@ -262,3 +264,18 @@ def test_new_data_content_reruns_everything_from_example_gen(base, rerun, taxi_c
         base.data.write_text(original)
     assert set(states(result).values()) == {"COMPLETE"}, states(result)
     assert sum(result.artifact("ExampleGen", "examples").properties["row_counts"].values()) == 1800
+
+
+def test_module_files_are_staged_under_the_root_as_they_were_at_launch(base):
+    """The Trainer ran the staged copy; an edit afterwards stages a new copy beside it, never over it."""
+    store = MetadataStore(str(base.root / "metadata.sqlite"))
+    [execution] = store.mlmd.get_executions_by_id([base.result.components["Trainer"].execution_id])
+    staged = json.loads(execution.custom_properties["staged_modules"].string_value)["module_file"]
+    assert staged.startswith(str(base.root / staging.STAGING_DIR)) and staged.endswith("/taxi_trainer.py")
+    assert Path(staged).read_bytes() == base.trainer_module.read_bytes()
+    assert staging.stage(str(base.root), str(base.trainer_module)) == staged  # content-addressed: same bytes, same copy
+    with edited(base.trainer_module, '"learning_rate": 0.003', '"learning_rate": 0.01'):
+        edited_copy = staging.stage(str(base.root), str(base.trainer_module))
+        assert edited_copy != staged
+        assert Path(edited_copy).read_bytes() == base.trainer_module.read_bytes()
+    assert Path(staged).read_bytes() != Path(edited_copy).read_bytes()

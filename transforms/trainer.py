@@ -125,7 +125,7 @@ class Trainer(Component):
         warm = self.ctx.resolved.get("warm_start_model")
         config = _TrainConfig(
             component_id=self.id,
-            module_file=self.params["module_file"],
+            module_file=self.ctx.module_file("module_file", self.params["module_file"]),
             train_split=self.params["train_split"],
             eval_split=self.params["eval_split"],
             train_steps=self.params["train_steps"],

@@ -170,8 +170,9 @@ class Transform(Component):
         )
         self._load_fn()
 
-    def _load_fn(self) -> Callable:
-        module_file = self.params["module_file"]
+    def _load_fn(self, module_file: str | None = None) -> Callable:
+        """The guarded preprocessing_fn of `module_file` (default: the configured path)."""
+        module_file = module_file or self.params["module_file"]
         module = _user_module.load_module(module_file, ["preprocessing_fn"], self.id)
         return guarded_preprocessing_fn(module.preprocessing_fn, module_file)
 
@@ -217,7 +218,9 @@ class Transform(Component):
 
         with tft_beam.Context(temp_dir=temp_dir):
             to_analyze = [examples[s] for s in analyze] | "AnalyzeSplits" >> beam.Flatten()
-            transform_fn = (to_analyze, config) | "Analyze" >> tft_beam.AnalyzeDataset(self._load_fn())
+            transform_fn = (to_analyze, config) | "Analyze" >> tft_beam.AnalyzeDataset(
+                self._load_fn(self.ctx.module_file("module_file", self.params["module_file"]))
+            )
             written = [
                 transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(graph_uri),
                 dataset_metadata.DatasetMetadata(schema)
