@@ -411,7 +411,8 @@ class ModelManager:
                 return True
             failure = self._load_failures.get(version)
         fingerprint = dir_fingerprint(path)
-        changed = failure is None or fingerprint is None or fingerprint != failure.fingerprint
+        # An unreadable directory (fingerprint None) counts as unchanged: only the backoff retries it.
+        changed = failure is None or fingerprint != failure.fingerprint
         if not changed and self._clock() < failure.retry_at:
             return False  # the same broken content: wait for the backoff, log nothing
         with self._lock:

@@ -217,3 +217,20 @@ def test_invalid_backoff_settings_are_rejected():
         ModelManager("/nonexistent", "taxi", load_retry_initial_s=0)
     with pytest.raises(ValueError, match="load_retry"):
         ModelManager("/nonexistent", "taxi", load_retry_initial_s=10, load_retry_max_s=5)
+
+
+def test_unreadable_version_dir_is_retried_by_the_backoff_only(base_path, model_store, monkeypatch):
+    import beam_pipeline.serving.models as models
+
+    broken = os.path.join(base_path, "2")
+    shutil.copytree(model_store[2], broken)
+    truncate_pb(broken)
+    monkeypatch.setattr(models, "dir_fingerprint", lambda _path: None)  # as when a file in it cannot be read
+    clock, loader = FakeClock(), CountingLoader()
+    manager = ModelManager(base_path, "taxi", loader=loader, clock=clock, load_retry_initial_s=5.0)
+    for _ in range(3):
+        manager.poll_once()
+    assert loader.attempts[2] == 1
+    clock.now += 5.0
+    manager.poll_once()
+    assert loader.attempts[2] == 2
