@@ -188,7 +188,7 @@ class Component(beam.PTransform):
         return ""
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Compile-time facts about outputs (no data is read beyond small samples). Default: none."""
+        """Compile-time facts about outputs, decided on the driver before the graph is built. Default: none."""
         return {name: {} for name in self.OUTPUTS}
 
     def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
