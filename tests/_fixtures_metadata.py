@@ -1,34 +1,37 @@
-"""Stores with real runs in them, for the query, lineage and report tests.
+"""Stores filled by real runs of the example taxi pipeline, for the query, lineage, diff and report tests.
 
-The data half is the real taxi pipeline (launcher + ML Metadata) on a slice of the sample. The model
-half (Trainer, Evaluator, Pusher) is recorded through the store API exactly as the launcher records
-a component, with real files behind each artifact: a tiny Keras SavedModel at `Format-Serving`,
-TensorBoard logs from its training, a TFMA evaluation sliced by trip_start_hour, a blessing and a
-pushed copy of the model.
+Every record comes from `launcher.run` on small slices of the taxi sample: ExampleGen through Pusher,
+with the artifacts, events and files the real components write. `build_model_store` runs it twice
+with different data, train steps and user code, then re-runs the data half from cache. Only the
+Evaluator's thresholds differ from the example's (see `overall_eval_config`).
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import importlib.util
 import os
-import shutil
 import textwrap
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
-
 from beam_pipeline import Pipeline, launcher
-from beam_pipeline.artifacts import MODEL, MODEL_BLESSING, MODEL_EVALUATION, MODEL_RUN, PUSHED_MODEL, Artifact
-from beam_pipeline.metadata import MetadataStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TAXI_CSV = os.path.join(ROOT, "examples", "chicago_taxi", "data", "data.csv")
-TAXI_PIPELINE = os.path.join(ROOT, "examples", "chicago_taxi", "pipeline.py")
-FEATURES = ("fare", "trip_miles", "trip_start_hour")
+TAXI_DIR = os.path.join(ROOT, "examples", "chicago_taxi")
+TAXI_CSV = os.path.join(TAXI_DIR, "data", "data.csv")
+TAXI_PIPELINE = os.path.join(TAXI_DIR, "pipeline.py")
+TAXI_MODULE = os.path.join(TAXI_DIR, "taxi_utils.py")
 SLICE = "trip_start_hour"
+LABEL_KEY = "tips_xf"
+AUC_LOWER_BOUND = 0.8
+AUC_MAX_REGRESSION = 0.2
+BEAM_ARGS = ["--direct_num_workers=1"]
+
+# Run B's module differs from the example's in one hyperparameter line: the diff tests look for it.
+MODULE_A_LINE = '    "hidden_units": [64, 32],\n'
+MODULE_B_LINE = '    "hidden_units": [32, 16],\n'
+TRAIN_STEPS = (60, 90)  # runs A and B
 
 
 def sample_csv(path: str, rows: int, skip: int = 0) -> str:
@@ -43,12 +46,61 @@ def sample_csv(path: str, rows: int, skip: int = 0) -> str:
     return path
 
 
-def taxi_pipeline(root: str, data_path: str):
-    """The example's data-half pipeline, reading `data_path` instead of the full sample."""
+def _example_module():
     spec = importlib.util.spec_from_file_location("_fixture_taxi_pipeline", TAXI_PIPELINE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return data_half(module.create_pipeline(pipeline_root=root, data_path=data_path))
+    return module
+
+
+def overall_eval_config():
+    """The example's metrics and slices, with its AUC bound and regression limit judged on the overall slice.
+
+    The example bounds every hour slice; on a few hundred eval rows a slice has 2-40 of them, often of
+    one class (AUC 0), so those bounds would fail by chance. Small-data models score about 0.94
+    overall: the bound and the limit hold with a wide margin, so run A is blessed and run B, judged
+    against A as its baseline, is too.
+    """
+    import tensorflow_model_analysis as tfma
+
+    from transforms.evaluator import binary_classification_eval_config
+
+    config = binary_classification_eval_config(LABEL_KEY, slice_features=[SLICE])
+    auc = next(m for m in config.metrics_specs[0].metrics if m.class_name == "AUC" and not m.config)
+    overall = auc.per_slice_thresholds.add()
+    overall.slicing_specs.add()
+    overall.threshold.value_threshold.lower_bound.value = AUC_LOWER_BOUND
+    overall.threshold.change_threshold.direction = tfma.MetricDirection.HIGHER_IS_BETTER
+    overall.threshold.change_threshold.absolute.value = -AUC_MAX_REGRESSION
+    return config
+
+
+def full_pipeline(root: str, data_path: str, *, module_file: str, train_steps: int, serving_model_dir: str) -> Pipeline:
+    """The example's whole pipeline on `data_path` with the given user module, judged by `overall_eval_config`."""
+    from transforms.evaluator import Evaluator
+    from transforms.pusher import Pusher
+
+    example = _example_module().create_pipeline(
+        pipeline_root=root,
+        data_path=data_path,
+        train_steps=train_steps,
+        serving_model_dir=serving_model_dir,
+        module_file=module_file,
+    )
+    *upstream, evaluator, pusher = example.components
+    gen, trainer = upstream[0], upstream[-1]
+    if [c.id for c in (gen, trainer, evaluator, pusher)] != ["ExampleGen", "Trainer", "Evaluator", "Pusher"]:
+        raise AssertionError(f"{TAXI_PIPELINE} changed its components: {[c.id for c in example.components]}")
+    evaluator = Evaluator(examples=gen.outputs.examples, model=trainer.outputs.model, eval_config=overall_eval_config())
+    pusher = Pusher(
+        model=trainer.outputs.model, blessing=evaluator.outputs.blessing, serving_model_dir=serving_model_dir
+    )
+    return Pipeline(example.name, example.root, [*upstream, evaluator, pusher])
+
+
+def taxi_pipeline(root: str, data_path: str) -> Pipeline:
+    """The example's data-half pipeline, reading `data_path` instead of the full sample."""
+    return data_half(_example_module().create_pipeline(pipeline_root=root, data_path=data_path))
 
 
 def data_half(pipeline: Pipeline) -> Pipeline:
@@ -81,238 +133,71 @@ def pipeline_file(path: str, root: str, data_path: str) -> str:
 
 
 def run_data_half(root: str, data_path: str, metadata_uri: str | None = None) -> launcher.RunResult:
-    return launcher.run(taxi_pipeline(root, data_path), ["--direct_num_workers=1"], metadata_uri=metadata_uri)
+    return launcher.run(taxi_pipeline(root, data_path), BEAM_ARGS, metadata_uri=metadata_uri)
 
 
-def _columns(examples_uri: str, split: str) -> dict:
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(sorted(glob.glob(os.path.join(examples_uri, f"Split-{split}", "*.parquet"))))
-
-    def column(name: str) -> np.ndarray:
-        return np.array([v[0] if v else np.nan for v in table.column(name).to_pylist()], dtype="float64")
-
-    cols = {name: np.nan_to_num(column(name)) for name in (*FEATURES, "tips")}
-    cols["big_tip"] = (cols["tips"] > 0.2 * cols["fare"]).astype("int64")
-    return cols
-
-
-def _train(examples_uri: str, model_uri: str, logs_uri: str, train_steps: int, seed: int):
-    import numpy as np
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(seed)
-    cols = _columns(examples_uri, "train")
-    x = np.stack([cols[f] for f in FEATURES], axis=1)
-    model = tf.keras.Sequential(
-        [
-            tf.keras.layers.Normalization(axis=-1),
-            tf.keras.layers.Dense(4, activation="relu"),
-            tf.keras.layers.Dense(1, activation="sigmoid"),
-        ]
-    )
-    model.layers[0].adapt(x)
-    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
-    model.fit(
-        x,
-        cols["big_tip"],
-        epochs=2,
-        steps_per_epoch=max(1, train_steps // 2),
-        batch_size=32,
-        verbose=0,
-        callbacks=[tf.keras.callbacks.TensorBoard(log_dir=logs_uri)],
-    )
-    model.save(os.path.join(model_uri, "Format-Serving"))
-    return model
+def write_module(path: str, replace: tuple[str, str] | None = None) -> str:
+    """A copy of the example's user module at `path`, with one line replaced if asked."""
+    with open(TAXI_MODULE) as f:
+        text = f.read()
+    if replace:
+        if replace[0] not in text:
+            raise AssertionError(f"{TAXI_MODULE} no longer has the line {replace[0]!r} the fixture edits")
+        text = text.replace(replace[0], replace[1])
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
-def _evaluate(model, examples_uri: str, evaluation_uri: str, work_dir: str) -> None:
-    """TFMA on predictions the model made for the eval split, sliced overall and by trip_start_hour."""
-    import numpy as np
-    import tensorflow as tf
-    import tensorflow_model_analysis as tfma
-
-    cols = _columns(examples_uri, "eval")
-    predictions = model.predict(np.stack([cols[f] for f in FEATURES], axis=1), verbose=0)[:, 0]
-    data = os.path.join(work_dir, "eval_predictions.tfrecord")
-    with tf.io.TFRecordWriter(data) as writer:
-        for hour, label, prediction in zip(cols[SLICE], cols["big_tip"], predictions, strict=True):
-            example = tf.train.Example()
-            example.features.feature[SLICE].int64_list.value.append(int(hour))
-            example.features.feature["big_tip"].int64_list.value.append(int(label))
-            example.features.feature["prediction"].float_list.value.append(float(prediction))
-            writer.write(example.SerializeToString())
-    config = tfma.EvalConfig(
-        model_specs=[tfma.ModelSpec(label_key="big_tip", prediction_key="prediction")],
-        slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[SLICE])],
-        metrics_specs=[
-            tfma.MetricsSpec(
-                metrics=[
-                    tfma.MetricConfig(class_name=n)
-                    for n in ("ExampleCount", "BinaryAccuracy", "AUC", "CalibrationPlot")
-                ]
-            )
-        ],
-    )
-    tfma.run_model_analysis(eval_config=config, data_location=data, output_path=evaluation_uri)
-
-
-def add_model_half(
-    store: MetadataStore,
-    result: launcher.RunResult,
-    work_dir: str,
-    *,
-    module_text: str,
-    train_steps: int,
-    seed: int,
-    push_to: str,
-) -> dict[str, int]:
-    """Record Trainer -> Evaluator -> Pusher in the run's contexts, with real files; returns artifact ids."""
-    import time
-
-    contexts = store.run_contexts(result.pipeline_name, result.run_id)
-    examples = result.artifact("ExampleGen", "examples")
-    schema = result.artifact("SchemaGen", "schema")
-    module_file = os.path.join(work_dir, "taxi_trainer.py")
-    with open(module_file, "w") as f:
-        f.write(module_text)
-    props = {"pipeline_name": result.pipeline_name}
-
-    began = int(time.time() * 1000)
-    trainer_config = {"module_file": module_file, "train_steps": train_steps, "warm_start": False}
-    trainer_id = store.start_execution(
-        "Trainer",
-        "Trainer",
-        pipeline_name=result.pipeline_name,
-        run_id=result.run_id,
-        config=trainer_config,
-        cache_key="",
-        contexts=contexts,
-    )
-    model_uri = os.path.join(result.pipeline_root, "Trainer", "model", str(trainer_id))
-    logs_uri = os.path.join(result.pipeline_root, "Trainer", "model_run", str(trainer_id))
-    model = _train(examples.uri, model_uri, logs_uri, train_steps, seed)
-    os.makedirs(os.path.join(model_uri, "module"), exist_ok=True)
-    shutil.copy(module_file, os.path.join(model_uri, "module", "taxi_trainer.py"))
-    model_artifact = Artifact(MODEL, model_uri, {**props, "producer_component": "Trainer"})
-    run_artifact = Artifact(MODEL_RUN, logs_uri, {**props, "producer_component": "Trainer"})
-    store.finish_execution(
-        trainer_id,
-        state=mlmd_pb2.Execution.COMPLETE,
-        inputs={"examples": [examples], "schema": [schema]},
-        outputs={"model": model_artifact, "model_run": run_artifact},
-        contexts=contexts,
-        start_time_ms=began,
-    )
-
-    began = int(time.time() * 1000)
-    evaluator_id = store.start_execution(
-        "Evaluator",
-        "Evaluator",
-        pipeline_name=result.pipeline_name,
-        run_id=result.run_id,
-        config={"slice_features": [SLICE]},
-        cache_key="",
-        contexts=contexts,
-    )
-    evaluation_uri = os.path.join(result.pipeline_root, "Evaluator", "evaluation", str(evaluator_id))
-    blessing_uri = os.path.join(result.pipeline_root, "Evaluator", "blessing", str(evaluator_id))
-    _evaluate(model, examples.uri, evaluation_uri, work_dir)
-    os.makedirs(blessing_uri, exist_ok=True)
-    open(os.path.join(blessing_uri, "BLESSED"), "w").close()
-    evaluation = Artifact(MODEL_EVALUATION, evaluation_uri, {**props, "producer_component": "Evaluator"})
-    blessing = Artifact(
-        MODEL_BLESSING, blessing_uri, {**props, "producer_component": "Evaluator", "blessed": 1, "model_uri": model_uri}
-    )
-    store.finish_execution(
-        evaluator_id,
-        state=mlmd_pb2.Execution.COMPLETE,
-        inputs={"examples": [examples], "model": [model_artifact]},
-        outputs={"evaluation": evaluation, "blessing": blessing},
-        contexts=contexts,
-        start_time_ms=began,
-    )
-
-    began = int(time.time() * 1000)
-    pusher_id = store.start_execution(
-        "Pusher",
-        "Pusher",
-        pipeline_name=result.pipeline_name,
-        run_id=result.run_id,
-        config={"serving_model_dir": push_to},
-        cache_key="",
-        contexts=contexts,
-    )
-    version = str(len(os.listdir(push_to)) + 1 if os.path.isdir(push_to) else 1)
-    destination = os.path.join(push_to, version)
-    shutil.copytree(os.path.join(model_uri, "Format-Serving"), destination)
-    pushed_uri = os.path.join(result.pipeline_root, "Pusher", "pushed_model", str(pusher_id))
-    os.makedirs(pushed_uri, exist_ok=True)
-    pushed = Artifact(
-        PUSHED_MODEL,
-        pushed_uri,
-        {
-            **props,
-            "producer_component": "Pusher",
-            "pushed": 1,
-            "pushed_destination": destination,
-            "pushed_version": version,
-        },
-    )
-    store.finish_execution(
-        pusher_id,
-        state=mlmd_pb2.Execution.COMPLETE,
-        inputs={"model": [model_artifact], "blessing": [blessing]},
-        outputs={"pushed_model": pushed},
-        contexts=contexts,
-        start_time_ms=began,
-    )
-    return {
-        "model": model_artifact.id,
-        "model_run": run_artifact.id,
-        "evaluation": evaluation.id,
-        "blessing": blessing.id,
-        "pushed_model": pushed.id,
-        "examples": examples.id,
-        "schema": schema.id,
-        "trainer_execution": trainer_id,
+def _ids(result: launcher.RunResult) -> dict[str, int]:
+    """The artifact and execution ids of one full run, by the names the tests use."""
+    outputs = {
+        "examples": ("ExampleGen", "examples"),
+        "statistics": ("StatisticsGen", "statistics"),
+        "schema": ("SchemaGen", "schema"),
+        "transform_graph": ("Transform", "transform_graph"),
+        "transformed_examples": ("Transform", "transformed_examples"),
+        "model": ("Trainer", "model"),
+        "model_run": ("Trainer", "model_run"),
+        "evaluation": ("Evaluator", "evaluation"),
+        "blessing": ("Evaluator", "blessing"),
+        "pushed_model": ("Pusher", "pushed_model"),
     }
-
-
-MODULE_A = "def run_fn(fn_args):\n    hidden_units = 4\n    return hidden_units\n"
-MODULE_B = "def run_fn(fn_args):\n    hidden_units = 8\n    dropout = 0.1\n    return hidden_units\n"
+    ids = {name: result.artifact(*where).id for name, where in outputs.items()}
+    for component in ("Trainer", "Evaluator", "Pusher"):
+        ids[f"{component.lower()}_execution"] = result.components[component].execution_id
+    return ids
 
 
 def build_model_store(base: str) -> dict:
-    """Two runs in one store, each trained on a different slice of the data with different code and steps,
-    and a third run that only re-ran the data half from cache.
+    """Run A, then run B on other rows with more train steps and an edited module, then the data half of A
+    again (every component from cache); all in one store under `<base>/root`.
     """
     root = os.path.join(base, "root")
-    store_path = os.path.join(root, "metadata.sqlite")
+    serving = os.path.join(base, "serving")
     work_a, work_b = os.path.join(base, "work_a"), os.path.join(base, "work_b")
     os.makedirs(work_a)
     os.makedirs(work_b)
-    csv_a = sample_csv(os.path.join(work_a, "data.csv"), rows=600)
-    csv_b = sample_csv(os.path.join(work_b, "data.csv"), rows=500, skip=3000)
-    run_a = run_data_half(root, csv_a)
-    store = MetadataStore(store_path)
-    ids_a = add_model_half(
-        store, run_a, work_a, module_text=MODULE_A, train_steps=10, seed=1, push_to=os.path.join(base, "serving")
-    )
-    run_b = run_data_half(root, csv_b)
-    ids_b = add_model_half(
-        store, run_b, work_b, module_text=MODULE_B, train_steps=20, seed=2, push_to=os.path.join(base, "serving")
-    )
+    csv_a = sample_csv(os.path.join(work_a, "data.csv"), rows=1500)
+    csv_b = sample_csv(os.path.join(work_b, "data.csv"), rows=1200, skip=3000)
+    module_a = write_module(os.path.join(work_a, "taxi_utils.py"))
+    module_b = write_module(os.path.join(work_b, "taxi_utils.py"), (MODULE_A_LINE, MODULE_B_LINE))
+    runs = []
+    for data, module, steps in ((csv_a, module_a, TRAIN_STEPS[0]), (csv_b, module_b, TRAIN_STEPS[1])):
+        pipeline = full_pipeline(root, data, module_file=module, train_steps=steps, serving_model_dir=serving)
+        runs.append(launcher.run(pipeline, BEAM_ARGS))
+    run_a, run_b = runs
     run_c = run_data_half(root, csv_a)
     return {
         "root": root,
-        "store": store_path,
+        "store": run_a.metadata_uri,
+        "serving": serving,
         "pipeline": run_a.pipeline_name,
         "runs": [run_a.run_id, run_b.run_id, run_c.run_id],
-        "a": ids_a,
-        "b": ids_b,
-        "module_paths": [os.path.join(work_a, "taxi_trainer.py"), os.path.join(work_b, "taxi_trainer.py")],
+        "a": _ids(run_a),
+        "b": _ids(run_b),
+        "module_paths": [module_a, module_b],
+        "train_steps": TRAIN_STEPS,
     }
 
 

@@ -31,3 +31,13 @@ def taxi_small_csv(tmp_path_factory) -> str:
                 break
             dst.write(line)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> dict:
+    """Two real runs of the example taxi pipeline and a cached re-run, built once per session (see
+    tests/_fixtures_metadata.py); a test that changes one of its files restores it.
+    """
+    from tests import _fixtures_metadata
+
+    return _fixtures_metadata.shared_model_store(str(tmp_path_factory.mktemp("model_store")))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import types
 import urllib.request
 
@@ -20,11 +22,6 @@ from beam_pipeline import lineage, queries
 from beam_pipeline.cli import main
 from beam_pipeline.errors import MetadataError
 from tests import _fixtures_metadata as fm
-
-
-@pytest.fixture(scope="session")
-def model_store(tmp_path_factory) -> dict:
-    return fm.shared_model_store(str(tmp_path_factory.getbasetemp() / "model_store"))
 
 
 def _cli(*args: str) -> str:
@@ -103,8 +100,8 @@ def test_runs_lists_each_run_with_its_state(model_store):
     assert list(table["run_id"]) == sorted(model_store["runs"], reverse=True)
     by_run = table.set_index("run_id")
     a, b, cached = model_store["runs"]
-    assert by_run.loc[a, "state"] == "COMPLETE" and by_run.loc[a, "components"] == 7
-    assert by_run.loc[b, "complete"] == 7
+    assert by_run.loc[a, "state"] == "COMPLETE" and by_run.loc[a, "components"] == 8
+    assert by_run.loc[b, "complete"] == 8  # other rows and code: nothing reused from run A
     assert by_run.loc[cached, "state"] == "CACHED" and by_run.loc[cached, "cached"] == 4
     assert (table["duration_s"] >= 0).all()
 
@@ -113,11 +110,18 @@ def test_runs_lists_each_run_with_its_state(model_store):
 def test_executions_of_a_type_flatten_configuration_and_name_artifacts(model_store):
     table = queries.executions(model_store["store"], "Trainer").set_index("id")
     a, b = model_store["a"], model_store["b"]
-    assert list(table.loc[[a["trainer_execution"], b["trainer_execution"]], "train_steps"]) == [10, 20]
+    steps = list(table.loc[[a["trainer_execution"], b["trainer_execution"]], "train_steps"])
+    assert steps == list(model_store["train_steps"]) and steps[0] != steps[1]
     assert not table["warm_start"].any()
+    modules = list(table.loc[[a["trainer_execution"], b["trainer_execution"]], "module_file"])
+    assert modules == model_store["module_paths"]
     row = table.loc[a["trainer_execution"]]
     assert row["state"] == "COMPLETE"
-    assert row["inputs"] == {"examples": [a["examples"]], "schema": [a["schema"]]}
+    assert row["inputs"] == {
+        "examples": [a["transformed_examples"]],
+        "transform_graph": [a["transform_graph"]],
+        "schema": [a["schema"]],
+    }
     assert row["outputs"] == {"model": a["model"], "model_run": a["model_run"]}
     gens = queries.executions(model_store["store"], "ExampleGen")
     assert sorted(gens["state"]) == ["CACHED", "COMPLETE", "COMPLETE"]
@@ -141,17 +145,18 @@ def test_runs_and_executions_cli_print_table_csv_and_json(model_store):
 
 @pytest.mark.slow
 def test_lineage_counts_hops_and_follows_the_direction(model_store):
-    a = model_store["a"]
+    a, b = model_store["a"], model_store["b"]
     up = lineage.lineage(model_store["store"], a["model"], num_hops=2, direction="up")
     nodes = up.nodes_frame().set_index("node")
     assert set(nodes.index) == {
         f"artifact:{a['model']}",
         f"execution:{a['trainer_execution']}",
-        f"artifact:{a['examples']}",
+        f"artifact:{a['transformed_examples']}",
+        f"artifact:{a['transform_graph']}",
         f"artifact:{a['schema']}",
     }
     assert nodes.loc[f"execution:{a['trainer_execution']}", "state"] == "COMPLETE"
-    assert nodes.loc[f"artifact:{a['examples']}", "hops"] == 2
+    assert nodes.loc[f"artifact:{a['transformed_examples']}", "hops"] == 2
     down = lineage.lineage(model_store["store"], a["model"], num_hops=2, direction="down")
     assert {n["type"] for n in down.nodes if n["kind"] == "artifact"} == {
         "Model",
@@ -162,13 +167,22 @@ def test_lineage_counts_hops_and_follows_the_direction(model_store):
     both = lineage.lineage(model_store["store"], a["model"], num_hops=2, direction="both")
     assert {n["node"] for n in both.nodes} == {n["node"] for n in up.nodes} | {n["node"] for n in down.nodes}
     edges = both.edges_frame()
-    assert {"source": f"artifact:{a['examples']}", "target": f"execution:{a['trainer_execution']}",
+    assert {"source": f"artifact:{a['transformed_examples']}", "target": f"execution:{a['trainer_execution']}",
             "event": "INPUT", "name": "examples"} in edges.to_dict("records")  # fmt: skip
     further = lineage.lineage(model_store["store"], a["model"], num_hops=5, direction="up")
     assert "StatisticsGen" not in set(up.nodes_frame()["type"])
-    assert {"ExampleGen", "SchemaGen", "StatisticsGen"} <= set(further.nodes_frame()["type"])
+    assert {"ExampleGen", "SchemaGen", "StatisticsGen", "Transform"} <= set(further.nodes_frame()["type"])
+    assert f"artifact:{b['model']}" not in {n["node"] for n in further.nodes}  # B never fed A
     with pytest.raises(MetadataError, match="direction 'sideways'"):
         lineage.lineage(model_store["store"], a["model"], 2, "sideways")
+
+
+def _one_hop_executions(model_store) -> set[int]:
+    """Run A's Trainer, Evaluator and Pusher, and run B's Evaluator, which read model A as its baseline."""
+    a, b = model_store["a"], model_store["b"]
+    evaluator_b = queries.executions(model_store["store"], "Evaluator").set_index("id").loc[b["evaluator_execution"]]
+    assert evaluator_b["inputs"] == {"examples": [b["examples"]], "model": [b["model"]], "baseline_model": [a["model"]]}
+    return {a["trainer_execution"], a["evaluator_execution"], a["pusher_execution"], b["evaluator_execution"]}
 
 
 @pytest.mark.slow
@@ -184,14 +198,18 @@ def test_lineage_renders_png_and_svg_without_graphviz(model_store, tmp_path):
     as_json = json.loads(
         _cli("lineage", model, "--hops", "1", "--format", "json", "--pipeline-root", model_store["root"])
     )
-    assert as_json["direction"] == "both" and len(as_json["nodes"]) == 4  # model, Trainer, Evaluator, Pusher
+    assert as_json["direction"] == "both"
+    executions = {n["id"] for n in as_json["nodes"] if n["kind"] == "execution"}
+    assert executions == _one_hop_executions(model_store)
+    assert [n["id"] for n in as_json["nodes"] if n["kind"] == "artifact"] == [int(model)]
 
 
 @pytest.mark.slow
 def test_training_data_walks_from_model_to_the_statistics_of_its_examples(model_store):
     a = model_store["a"]
     data = queries.training_data(model_store["store"], a["model"])
-    assert data.examples.id == a["examples"]
+    assert data.examples.id == a["examples"]  # the raw data, reached through Transform
+    assert data.statistics.id == a["statistics"]
     assert data.schema.id == a["schema"]
     assert set(data.stats) == {"train", "eval"}
     frame = queries.statistics_frame(data.stats["train"]).set_index("feature")
@@ -206,7 +224,7 @@ def test_model_metrics_slice_by_a_column(model_store):
     frame = queries.model_metrics(model_store["store"], model_store["a"]["model"], "trip_start_hour")
     assert {"slice", "slice_value", "example_count", "auc", "binary_accuracy"} <= set(frame.columns)
     values = list(frame["slice_value"])
-    assert values == sorted(values) and all(isinstance(v, int) for v in values)
+    assert values == sorted(values) and all(isinstance(v, int) for v in values) and len(values) > 10
     overall = queries.model_metrics(model_store["store"], model_store["a"]["model"])
     assert overall.iloc[0]["slice"] == "Overall"
     assert frame["example_count"].sum() == overall.iloc[0]["example_count"]
@@ -244,20 +262,18 @@ def test_tensorboard_serves_one_model_then_two_side_by_side(model_store):
 
 
 @pytest.mark.slow
-def test_diff_shows_data_code_config_statistics_and_metrics(model_store, tmp_path):
+def test_diff_shows_data_code_config_statistics_and_metrics(model_store):
     a, b = model_store["a"]["model"], model_store["b"]["model"]
-    for path in model_store["module_paths"]:  # the files on disk changed since: the stored copies still tell
-        with open(path, "w") as f:
-            f.write("# rewritten after the runs\n")
     result = queries.diff(model_store["store"], a, b)
     data = result.data.set_index("examples").loc["ExampleGen"]
     assert not data["same"] and data["lhs_fingerprint"] != data["rhs_fingerprint"]
     assert json.loads(data["lhs_rows"]) != json.loads(data["rhs_rows"])
     config = {(r.component, r.key): (r.lhs, r.rhs) for r in result.config.itertuples()}
-    assert config[("Trainer", "train_steps")] == ("10", "20")
+    steps = model_store["train_steps"]
+    assert config[("Trainer", "train_steps")] == (str(steps[0]), str(steps[1]))
     assert ("ExampleGen", "input_base") in config
     code = result.code["Trainer.module_file"]
-    assert "-    hidden_units = 4" in code and "+    dropout = 0.1" in code and "copy stored in artifact" in code
+    assert f"-{fm.MODULE_A_LINE}" in code and f"+{fm.MODULE_B_LINE}" in code
     fare = result.statistics[(result.statistics["split"] == "train") & (result.statistics["feature"] == "fare")].iloc[0]
     assert fare["lhs_mean"] != fare["rhs_mean"] and fare["mean_change_pct"] == pytest.approx(
         100 * (fare["rhs_mean"] - fare["lhs_mean"]) / abs(fare["lhs_mean"])
@@ -265,41 +281,84 @@ def test_diff_shows_data_code_config_statistics_and_metrics(model_store, tmp_pat
     payment = result.statistics[result.statistics["feature"] == "payment_type"].iloc[0]
     assert 0 <= payment["linf"] <= 1
     assert set(result.metrics["metric"]) >= {"auc", "binary_accuracy", "example_count"}
+    changes = result.metrics.set_index("metric")["change"]
+    assert changes[["auc", "binary_accuracy", "example_count"]].notna().all()  # both models were evaluated
     assert list(result.schema.columns) == ["feature", "change", "lhs", "rhs"]
     as_json = json.loads(_cli("diff", str(a), str(b), "--format", "json", "--pipeline-root", model_store["root"]))
     assert as_json["lhs"] == a and "Trainer.module_file" in as_json["code"]
     text = _cli("diff", str(a), str(b), "--pipeline-root", model_store["root"])
-    assert "train_steps" in text and "+    dropout = 0.1" in text
+    assert "train_steps" in text and f"+{fm.MODULE_B_LINE}" in text
     same = queries.diff(model_store["store"], a, a)
     assert same.config.empty and not same.code and same.statistics.empty and bool(same.data["same"].all())
 
 
 @pytest.mark.slow
-def test_tensorboard_cli_prints_the_url_and_stops_on_ctrl_c(model_store):
+def test_diff_compares_the_module_code_each_model_was_built_from(model_store):
+    """Both module files are rewritten after the runs: the diff must still show what each model was built from."""
     a, b = model_store["a"]["model"], model_store["b"]["model"]
-    command = [
-        sys.executable,
-        "-m",
-        "beam_pipeline",
-        "tensorboard",
-        str(a),
-        str(b),
-        "--pipeline-root",
-        model_store["root"],
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    originals = {}
+    for path in model_store["module_paths"]:
+        with open(path) as f:
+            originals[path] = f.read()
     try:
-        lines = []
-        for line in process.stdout:  # ends if the command dies, so a failure cannot hang here
-            lines.append(line)
-            if line.startswith("TensorBoard at "):
-                break
-        assert lines and lines[-1].startswith("TensorBoard at http://127.0.0.1:"), "".join(lines)
-        assert f"model_{a}:" in lines[0] and f"model_{b}:" in lines[1]
-        url = lines[-1].split()[2]
+        for path in originals:
+            with open(path, "w") as f:
+                f.write("# rewritten after the runs\n")
+        code = queries.diff(model_store["store"], a, b).code.get("Trainer.module_file", "")
+    finally:
+        for path, text in originals.items():
+            with open(path, "w") as f:
+                f.write(text)
+    assert f"-{fm.MODULE_A_LINE}" in code and f"+{fm.MODULE_B_LINE}" in code
+    assert "as staged at launch" in code and "rewritten after the runs" not in code
+
+
+def _read_lines_into(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)  # the command closed its output: it died or is exiting
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a shell's background job
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_with", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_tensorboard_cli_prints_the_url_and_stops_on_a_signal_even_started_with_sigint_ignored(
+    model_store, tmp_path, stop_with
+):
+    a, b = model_store["a"]["model"], model_store["b"]["model"]
+    command = [sys.executable, "-m", "beam_pipeline", "tensorboard", str(a), str(b),
+               "--pipeline-root", model_store["root"]]  # fmt: skip
+    stderr_path = tmp_path / "stderr.txt"
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   preexec_fn=_ignore_sigint, start_new_session=True)  # fmt: skip
+    try:
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=_read_lines_into, args=(process.stdout, lines), daemon=True).start()
+        printed = []
+        while not printed or not printed[-1].startswith("TensorBoard at "):
+            line = lines.get(timeout=600)  # startup imports TensorFlow: slow on a busy machine
+            assert line is not None, "".join(printed) + stderr_path.read_text()[-3000:]
+            printed.append(line)
+        assert printed[-1].startswith("TensorBoard at http://127.0.0.1:")
+        assert f"model_{a}:" in printed[0] and f"model_{b}:" in printed[1]
+        url = printed[-1].split()[2]
         status, body = _get(url + "data/runs")
         assert status == 200 and len(json.loads(body)) >= 2
+        process.send_signal(stop_with)
+        assert process.wait(timeout=120) == 0, stderr_path.read_text()[-3000:]
+        rest = []
+        while (line := lines.get(timeout=60)) is not None:
+            rest.append(line)
+        assert "TensorBoard stopped\n" in rest
+        with pytest.raises(OSError):
+            _get(url)
     finally:
-        process.send_signal(signal.SIGINT)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # nothing of this test outlives it, passed or failed
+        except ProcessLookupError:
+            pass  # the group is already gone
         process.wait(timeout=60)
-    assert process.returncode == 0

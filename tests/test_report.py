@@ -24,11 +24,6 @@ SVG = "{http://www.w3.org/2000/svg}"
 SECTIONS = ("pipeline", "statistics", "schema", "anomalies", "evaluation", "blessing", "push")
 
 
-@pytest.fixture(scope="session")
-def model_store(tmp_path_factory) -> dict:
-    return fm.shared_model_store(str(tmp_path_factory.getbasetemp() / "model_store"))
-
-
 def chromium(page: str, tmp_path, *, screenshot: str | None = None) -> str:
     """The DOM Chromium built from `page` (a file on disk, opened with no server and no network)."""
     args = [
