@@ -1,52 +1,100 @@
-"""Pusher: blessed models become new integer versions under the serving dir, atomically; others never."""
+"""Pusher: blessed models become new integer versions under the serving dir, atomically; others never.
+
+Everything runs on real pipeline runs (`launcher.run`) of the taxi example's components on a small
+slice of its data: one module-scoped store holds a well-trained model and a deliberately weak one
+(learning rate 0: its initial weights), judged by a value-threshold Evaluator ("Lenient", always
+blessed) and a change-threshold one ("Guarded", which the weak model regresses).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
+import threading
 
-import apache_beam as beam
 import pytest
 
-from beam_pipeline.artifacts import MODEL, MODEL_BLESSING, PUSHED_MODEL, Artifact
-from beam_pipeline.dsl import Component, ComponentContext
-from beam_pipeline.errors import PipelineDefinitionError
-from tests.helpers import in_process_pipeline, read_only_directory
+from beam_pipeline import Pipeline, launcher
+from beam_pipeline.errors import PipelineDefinitionError, PipelineRunError
+from beam_pipeline.metadata import MetadataStore
+from tests import _fixtures_metadata as fm
+from tests.helpers import read_only_directory
 from transforms import pusher as pu
+from transforms.evaluator import Evaluator, binary_classification_eval_config
+from transforms.example_gen import ExampleGen
+from transforms.schema_gen import SchemaGen
+from transforms.statistics_gen import StatisticsGen
+from transforms.trainer import Trainer
+from transforms.transform import Transform
+
+ROWS = 600
+GOOD = {"train_steps": 40}
+WEAK = {"train_steps": 1, "hyperparameters": {"learning_rate": 0.0}}
+PRE_EXISTING = ("3", "17", "notes", ".push-tmp-stale")  # in serving/numbered before the first push
 
 
-class _Source(Component):
-    OUTPUTS = {"model": MODEL, "blessing": MODEL_BLESSING}
-
-    def __init__(self):
-        super().__init__(inputs={})
-
-
-def _pusher(serving_dir) -> pu.Pusher:
-    src = _Source()
-    return pu.Pusher(model=src.outputs.model, blessing=src.outputs.blessing, serving_model_dir=str(serving_dir))
-
-
-def _model(root, name="model") -> Artifact:
-    """A Model artifact whose Format-Serving directory looks like a SavedModel."""
-    uri = root / name
-    files = {
-        "saved_model.pb": b"graph-" + name.encode(),
-        "variables/variables.index": b"index",
-        "variables/variables.data-00000-of-00001": os.urandom(4096),
-        "assets/vocab.txt": b"a\nb\n",
+def _components(data: str, trainer_args: dict) -> dict:
+    example_gen = ExampleGen(input_base=data)
+    statistics_gen = StatisticsGen(examples=example_gen.outputs.examples)
+    schema_gen = SchemaGen(statistics=statistics_gen.outputs.statistics)
+    transform = Transform(
+        examples=example_gen.outputs.examples, schema=schema_gen.outputs.schema, module_file=fm.TAXI_MODULE
+    )
+    trainer = Trainer(
+        examples=transform.outputs.transformed_examples,
+        transform_graph=transform.outputs.transform_graph,
+        schema=schema_gen.outputs.schema,
+        module_file=fm.TAXI_MODULE,
+        eval_steps=5,
+        **trainer_args,
+    )
+    return {
+        "upstream": [example_gen, statistics_gen, schema_gen, transform, trainer],
+        "examples": example_gen.outputs.examples,
+        "model": trainer.outputs.model,
     }
-    for rel, data in files.items():
-        path = uri / pu.SERVING_MODEL_DIR / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return Artifact(MODEL, str(uri), {})
 
 
-def _blessing(model: Artifact, blessed: int, message: str = "") -> Artifact:
-    props = {"blessed": blessed, "model_uri": model.uri, "blessing_message": message}
-    return Artifact(MODEL_BLESSING, model.uri + "-blessing", props)
+def _pipeline(base, trainer_args: dict) -> Pipeline:
+    """Both Evaluators on one Trainer; Push and PushNumbered follow Lenient, PushGuarded follows Guarded."""
+    c = _components(str(base / "data.csv"), trainer_args)
+    lenient = Evaluator(
+        examples=c["examples"],
+        model=c["model"],
+        eval_config=binary_classification_eval_config("tips_xf", lower_bounds={"example_count": 1}),
+        component_id="Lenient",
+    )
+    guarded = Evaluator(
+        examples=c["examples"],
+        model=c["model"],
+        eval_config=binary_classification_eval_config("tips_xf", max_regression={"auc": 0.1}),
+        component_id="Guarded",
+    )
+    serving = base / "serving"
+    pushers = [
+        pu.Pusher(model=c["model"], blessing=lenient.outputs.blessing, serving_model_dir=str(serving / "main"),
+                  component_id="Push"),
+        pu.Pusher(model=c["model"], blessing=lenient.outputs.blessing, serving_model_dir=str(serving / "numbered"),
+                  component_id="PushNumbered"),
+        pu.Pusher(model=c["model"], blessing=guarded.outputs.blessing, serving_model_dir=str(serving / "guarded"),
+                  component_id="PushGuarded"),
+    ]  # fmt: skip
+    return Pipeline("pusher_test", str(base / "root"), [*c["upstream"], lenient, guarded, *pushers])
+
+
+def _run(base, trainer_args: dict) -> launcher.RunResult:
+    return launcher.run(_pipeline(base, trainer_args), fm.BEAM_ARGS)
+
+
+def _pushed(result: launcher.RunResult, pusher: str) -> dict:
+    """The published properties of one Pusher, checked against its push_result.json."""
+    artifact = result.artifact(pusher, "pushed_model")
+    with open(os.path.join(artifact.uri, pu.RESULT_FILE)) as f:
+        record = json.load(f)
+    assert record["pushed"] == artifact.properties["pushed"] and record["model_uri"] == artifact.properties["model_uri"]
+    return artifact.properties
 
 
 def _tree(path) -> dict[str, bytes]:
@@ -54,137 +102,253 @@ def _tree(path) -> dict[str, bytes]:
     for dirpath, _, names in os.walk(path):
         for n in names:
             full = os.path.join(dirpath, n)
-            out[os.path.relpath(full, path)] = open(full, "rb").read()
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = f.read()
     return out
 
 
-def _run(pusher: pu.Pusher, model: Artifact, blessing: Artifact, root, resolved=None) -> dict:
-    """Apply the Pusher in a pipeline as the compiler would; return the published properties."""
-    out_uri = str(root / "pushed_model")
-    record = str(root / "properties.json")
-
-    def commit(name, properties):
-        def write(dicts):
-            with open(record, "w") as f:
-                json.dump({k: v for d in dicts for k, v in d.items()}, f)
-            return Artifact(PUSHED_MODEL, out_uri, {})
-
-        return properties | "Gather" >> beam.combiners.ToList() | "Commit" >> beam.Map(write)
-
-    ctx = ComponentContext(
-        pipeline_name="test",
-        pipeline_root=str(root),
-        run_id="run",
-        execution_id=1,
-        output_uris={"pushed_model": out_uri},
-        input_static={},
-        output_static={},
-        resolved=resolved or {},
-        commit_factory=commit,
-    )
-    with in_process_pipeline() as p:
-        inputs = {"model": p | "Model" >> beam.Create([model]), "blessing": p | "Blessing" >> beam.Create([blessing])}
-        pusher.bind(ctx)
-        try:
-            inputs | pusher
-        finally:
-            pusher.bind(None)
-    with open(record) as f:
-        props = json.load(f)
-    with open(os.path.join(out_uri, pu.RESULT_FILE)) as f:
-        assert json.load(f)["pushed"] == props["pushed"]
-    return props
+def _saved_model(model_uri: str) -> str:
+    return os.path.join(model_uri, pu.SERVING_MODEL_DIR)
 
 
-def test_blessed_model_is_pushed_as_increasing_versions(tmp_path):
-    serving = tmp_path / "serving"
-    first, second = _model(tmp_path, "first"), _model(tmp_path, "second")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Run 1: the good model. Run 2: the weak one. Run 3: the good one again (everything reused upstream),
+    after another run's push of the weak model landed in serving/guarded."""
+    base = tmp_path_factory.mktemp("pusher")
+    fm.sample_csv(str(base / "data.csv"), rows=ROWS)
+    for name in PRE_EXISTING:
+        (base / "serving" / "numbered" / name).mkdir(parents=True)
+    first = _run(base, GOOD)
+    second = _run(base, WEAK)
+    good, weak = first.artifact("Trainer", "model").uri, second.artifact("Trainer", "model").uri
+    # What another run of this pipeline would have done meanwhile: push the weak model to serving/guarded.
+    racer = pu.push_model(_saved_model(weak), str(base / "serving" / "guarded"), record={"model_uri": weak})
+    third = _run(base, GOOD)
+    return {"base": base, "runs": [first, second, third], "good": good, "weak": weak, "racer": racer}
 
-    props = _run(_pusher(serving), first, _blessing(first, 1), tmp_path / "run1")
-    assert props == {
+
+@pytest.mark.slow
+def test_blessed_models_are_pushed_as_increasing_versions(runs):
+    first, second, _ = runs["runs"]
+    main = runs["base"] / "serving" / "main"
+    props = _pushed(first, "Push")
+    assert {k: props[k] for k in ("pushed", "pushed_version", "pushed_destination", "model_uri", "push_message")} == {
         "pushed": 1,
         "pushed_version": 1,
-        "pushed_destination": str(serving / "1"),
-        "model_uri": first.uri,
-        "push_message": f"pushed model {first.uri} as version 1 to {serving / '1'}",
+        "pushed_destination": str(main / "1"),
+        "model_uri": runs["good"],
+        "push_message": f"pushed model {runs['good']} as version 1 to {main / '1'}",
     }
-    assert _tree(serving / "1") == _tree(os.path.join(first.uri, pu.SERVING_MODEL_DIR))
+    served = _tree(main / "1")
+    record = json.loads(served.pop(pu.PUSH_RECORD))
+    assert served == _tree(_saved_model(runs["good"]))  # the whole SavedModel, nothing else
+    assert record["model_uri"] == runs["good"] and record["blessing_uri"] == first.artifact("Lenient", "blessing").uri
+    assert record["pushed_by"] == f"pusher_test run {first.run_id}"
 
-    props = _run(_pusher(serving), second, _blessing(second, 1), tmp_path / "run2")
-    assert props["pushed_version"] == 2
-    assert sorted(os.listdir(serving)) == ["1", "2"]  # no temp directory left behind
-    assert _tree(serving / "2")["saved_model.pb"] == b"graph-second"
+    assert _pushed(second, "Push")["pushed_version"] == 2  # value thresholds only: the weak model is blessed too
+    assert pu.read_push_record(str(main / "2"))["model_uri"] == runs["weak"]
+    assert not [n for n in os.listdir(main) if n.startswith(pu._TEMP_PREFIX)]  # no temp directory left behind
 
 
-def test_version_is_one_above_the_highest_existing_version(tmp_path):
+@pytest.mark.slow
+def test_version_is_one_above_the_highest_existing_version(runs):
+    numbered = runs["base"] / "serving" / "numbered"
+    versions = [_pushed(run, "PushNumbered")["pushed_version"] for run in runs["runs"]]
+    assert versions == [18, 19, 20]  # 3 and 17 were there; "notes" and the stale temp dir do not count
+    assert pu.existing_versions(str(numbered)) == [3, 17, 18, 19, 20]
+
+
+@pytest.mark.slow
+def test_model_that_is_not_blessed_is_not_pushed(runs):
+    second = runs["runs"][1]
+    blessing = second.artifact("Guarded", "blessing")
+    assert blessing.properties["blessed"] == 0
+    assert blessing.properties["baseline_model_uri"] == runs["good"]
+    props = _pushed(second, "PushGuarded")
+    assert props["pushed"] == 0 and "pushed_version" not in props and "pushed_destination" not in props
+    guarded = runs["base"] / "serving" / "guarded"
+    assert props["push_message"].startswith(f"model {runs['weak']} is not blessed; nothing pushed to {guarded}")
+    assert "auc on slice Overall" in props["push_message"]  # the Evaluator's reason
+    assert pu.existing_versions(str(guarded)) == [1, 2]  # 1 from run 1, 2 the racer's push
+
+
+@pytest.mark.slow
+def test_guarded_push_over_a_model_it_was_never_judged_against_is_refused(runs):
+    """The weak model landed in serving/guarded after run 3 resolved its baseline: run 3 must not push over it."""
+    third = runs["runs"][2]
+    version, destination = runs["racer"]
+    assert third.artifact("Guarded", "blessing").properties["blessed"] == 1
+    props = _pushed(third, "PushGuarded")
+    assert props["pushed"] == 0 and props["push_refused"] == 1
+    assert props["served_version"] == version and props["served_model_uri"] == runs["weak"]
+    assert props["blessing_uri"] == third.artifact("Guarded", "blessing").uri
+    winner = f"version {version} (model {runs['weak']})"
+    assert props["push_message"].startswith(f"model {runs['good']} not pushed: {winner} won")
+    assert "were never compared" in props["push_message"]
+    assert pu.existing_versions(os.path.dirname(destination)) == [1, version]
+
+
+@pytest.mark.slow
+def test_rerun_with_the_model_already_served_does_not_copy_it_again(runs):
+    main = runs["base"] / "serving" / "main"
+    third = runs["runs"][2]
+    # Run 2 made the weak model newest; value thresholds only, so the good one is pushed again to be newest.
+    assert _pushed(third, "Push")["pushed_version"] == 3
+    assert pu.read_push_record(str(main / "3"))["model_uri"] == runs["good"]
+
+    (main / "0").mkdir()  # the versions changed, so the Pusher runs again, and finds its model newest
+    again = _run(runs["base"], GOOD)
+    props = _pushed(again, "Push")
+    assert again.components["Push"].state == "COMPLETE" and again.components["Trainer"].state == "CACHED"
+    assert (props["pushed"], props["pushed_version"]) == (1, 3)
+    assert props["push_message"] == f"model {runs['good']} is already version 3 at {main / '3'}; not copied again"
+    assert sorted(os.listdir(main)) == sorted(["0", "1", "2", "3", pu.LOCK_FILE])
+
+
+@pytest.mark.slow
+def test_resolve_reads_past_pushes_and_the_blessings_baselines(runs):
+    store = MetadataStore(runs["runs"][0].metadata_uri)
+    pipeline = _pipeline(runs["base"], GOOD)
+    by_id = {c.id: c for c in pipeline.components}
+    serving = runs["base"] / "serving"
+    resolved = by_id["PushGuarded"].resolve(store, "pusher_test")
+    assert resolved["known_pushes"] == {str(serving / "guarded" / "1"): runs["good"]}  # the racer is not in it
+    edges: dict[str, set[str]] = {}
+    for run in runs["runs"]:
+        props = run.artifact("Guarded", "blessing").properties
+        if props["blessed"] == 1 and props.get("baseline_model_uri"):
+            edges.setdefault(props["model_uri"], set()).add(props["baseline_model_uri"])
+    assert resolved["baselines"] == {uri: sorted(bases) for uri, bases in edges.items()}
+    lenient = by_id["Push"].resolve(store, "pusher_test")
+    assert "baselines" not in lenient  # value thresholds: blessings are not relative to another model
+    assert lenient["known_pushes"][str(serving / "main" / "3")] == runs["good"]
+    assert lenient["known_pushes"][str(serving / "main" / "2")] == runs["weak"]
+
+
+# -- the compare-and-set itself ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_guarded_push_lands_only_over_a_model_it_was_judged_against(runs, tmp_path):
+    good, weak = runs["good"], runs["weak"]
+    serving = str(tmp_path / "serving")
+    first = pu.Guard(good, None, frozenset())
+    assert pu.push_model(_saved_model(good), serving, record={"model_uri": good}, guard=first)[0] == 1
+    judged_against_good = pu.Guard(weak, good, pu.judged_against(good, {}))
+    assert pu.push_model(_saved_model(weak), serving, record={"model_uri": weak}, guard=judged_against_good)[0] == 2
+
+    # Judged against the good model too, but the weak one is served now: refused, naming the winner.
+    late = pu.Guard("/models/late", good, frozenset({good}))
+    with pytest.raises(pu.PushRefused, match=re.escape(f"version 2 (model {weak})")) as refused:
+        pu.push_model(_saved_model(good), serving, record={"model_uri": "/models/late"}, guard=late)
+    assert refused.value.served == pu.Served(2, os.path.join(serving, "2"), weak)
+    assert f"judged against baseline {good}" in str(refused.value)
+    assert sorted(os.listdir(serving)) == sorted(["1", "2", pu.LOCK_FILE])  # nothing copied, nothing left behind
+
+    # A chain of blessings counts: late <- weak <- good.
+    chained = pu.Guard("/models/late", "/models/mid", pu.judged_against("/models/mid", {"/models/mid": [weak]}))
+    assert pu.push_model(_saved_model(good), serving, record={"model_uri": "/models/late"}, guard=chained)[0] == 3
+
+
+@pytest.mark.slow
+def test_a_push_that_lands_during_the_copy_is_seen_under_the_lock(runs, tmp_path, monkeypatch):
+    good, weak = runs["good"], runs["weak"]
+    serving = str(tmp_path / "serving")
+    pu.push_model(_saved_model(good), serving, record={"model_uri": good})
+    real_copy = pu._copy_tree
+
+    def copy_while_another_run_pushes(src, dst):
+        real_copy(src, dst)
+        if src == _saved_model(good):  # the guarded push: another run's push lands while it copies
+            pu.push_model(_saved_model(weak), serving, record={"model_uri": weak})
+
+    monkeypatch.setattr(pu, "_copy_tree", copy_while_another_run_pushes)
+    guard = pu.Guard("/models/candidate", good, frozenset({good}))  # passes the early check: good is newest
+    with pytest.raises(pu.PushRefused, match=re.escape(f"version 2 (model {weak})")):
+        pu.push_model(_saved_model(good), serving, record={"model_uri": "/models/candidate"}, guard=guard)
+    assert pu.existing_versions(serving) == [1, 2]
+    assert pu.read_push_record(os.path.join(serving, "2"))["model_uri"] == weak
+    assert not [n for n in os.listdir(serving) if n.startswith(pu._TEMP_PREFIX)]
+
+
+@pytest.mark.slow
+def test_a_version_without_push_record_is_not_shadowed_by_a_guarded_push(runs, tmp_path):
+    good, weak = runs["good"], runs["weak"]
     serving = tmp_path / "serving"
-    for name in ("3", "17", "notes", ".push-tmp-stale"):
-        (serving / name).mkdir(parents=True)
-    model = _model(tmp_path)
-    version, destination = pu.push_model(os.path.join(model.uri, pu.SERVING_MODEL_DIR), str(serving))
-    assert (version, destination) == (18, str(serving / "18"))
-    assert pu.existing_versions(str(serving)) == [3, 17, 18]
+    shutil.copytree(_saved_model(good), serving / "1")  # pushed by hand, or by a Pusher before push records
+    guard = pu.Guard(weak, good, frozenset({good}))
+    with pytest.raises(pu.PushRefused, match=r"version 1 \(a model no push record names\)"):
+        pu.push_model(_saved_model(weak), str(serving), record={"model_uri": weak}, guard=guard)
+    # This Pusher's PushedModel records in ML Metadata say which model that version is.
+    known = {str(serving / "1"): good}
+    assert pu.push_model(_saved_model(weak), str(serving), record={"model_uri": weak}, guard=guard,
+                         known_pushes=known)[0] == 2  # fmt: skip
 
 
-def test_version_taken_by_a_racing_push_moves_to_the_next_number(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_push_waits_for_the_lock_and_names_its_holder(runs, tmp_path):
+    serving = str(tmp_path / "serving")
+    os.makedirs(serving)
+    source = _saved_model(runs["good"])
+    with pu.serving_lock(serving):
+        with pytest.raises(PipelineRunError, match=rf"another push has held .*\.push\.lock .*pid {os.getpid()} on"):
+            pu.push_model(source, serving, record={"model_uri": runs["good"]}, lock_timeout_s=0.2)
+        assert os.listdir(serving) == [pu.LOCK_FILE]  # its copy was removed
+
+        done: list[tuple[int, str]] = []
+        waiter = threading.Thread(target=lambda: done.append(pu.push_model(source, serving)))
+        waiter.start()
+    waiter.join(timeout=600)  # released: the waiting push goes through
+    assert done == [(1, os.path.join(serving, "1"))]
+
+
+def test_judged_against_follows_baselines_and_stops_on_cycles():
+    baselines = {"c": ["b"], "b": ["a", "b"], "a": ["c"], "x": ["y"]}
+    assert pu.judged_against("c", baselines) == frozenset({"a", "b", "c"})
+    assert pu.judged_against(None, baselines) == frozenset()
+
+
+# -- versions, temp dirs and bad destinations --------------------------------------------------------------
+@pytest.mark.slow
+def test_version_taken_by_a_racing_push_moves_to_the_next_number(runs, tmp_path, monkeypatch):
+    """A push outside the lock (by hand, an older Pusher) takes the number between listing and rename."""
     serving = tmp_path / "serving"
-    (serving / "1").mkdir(parents=True)
-    (serving / "1" / "saved_model.pb").write_bytes(b"the other push")
-    listings = iter([[], [1]])  # the first listing is taken before the other push landed
+    shutil.copytree(_saved_model(runs["weak"]), serving / "1")
+    listings = iter([[], [1]])  # the first listing was taken before the other push landed
     monkeypatch.setattr(pu, "existing_versions", lambda _: next(listings))
-    model = _model(tmp_path)
-    assert pu.push_model(os.path.join(model.uri, pu.SERVING_MODEL_DIR), str(serving))[0] == 2
-    assert (serving / "1" / "saved_model.pb").read_bytes() == b"the other push"
-    assert sorted(os.listdir(serving)) == ["1", "2"]
+    assert pu.push_model(_saved_model(runs["good"]), str(serving))[0] == 2
+    assert _tree(serving / "1") == _tree(_saved_model(runs["weak"]))  # the other push is untouched
+    assert sorted(os.listdir(serving)) == sorted(["1", "2", pu.LOCK_FILE])
 
 
-def test_not_blessed_model_is_not_pushed(tmp_path, caplog):
+@pytest.mark.slow
+def test_empty_model_directory_fails_and_leaves_no_temp_dir(tmp_path):
     serving = tmp_path / "serving"
-    model = _model(tmp_path)
-    blessing = _blessing(model, 0, "not blessed: auc on slice Overall: 0.61 vs baseline 0.7 (change -0.09)")
-    with caplog.at_level("WARNING", logger=pu.__name__):
-        props = _run(_pusher(serving), model, blessing, tmp_path)
-    assert props["pushed"] == 0
-    assert "pushed_version" not in props and "pushed_destination" not in props
-    assert props["push_message"].startswith(f"model {model.uri} is not blessed; nothing pushed to {serving}")
-    assert "auc on slice Overall" in props["push_message"]
-    assert "is not blessed" in caplog.text
-    assert not serving.exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineDefinitionError, match="is empty or missing: nothing to push"):
+        pu.push_model(str(tmp_path / "empty"), str(serving))
+    assert os.listdir(serving) == []
 
 
-def test_rerun_with_the_model_already_served_does_not_copy_it_again(tmp_path):
-    serving = tmp_path / "serving"
-    model = _model(tmp_path)
-    first = _run(_pusher(serving), model, _blessing(model, 1), tmp_path / "run1")
-    previous = {k: first[k] for k in ("model_uri", "pushed_destination", "pushed_version")}
-
-    again = _run(_pusher(serving), model, _blessing(model, 1), tmp_path / "run2", {"previous_push": previous})
-    assert again["pushed"] == 1 and again["pushed_version"] == 1
-    assert "not copied again" in again["push_message"]
-    assert os.listdir(serving) == ["1"]
-
-    (serving / "2").mkdir()  # someone pushed another model since: ours is pushed again to be newest
-    newest = _run(_pusher(serving), model, _blessing(model, 1), tmp_path / "run3", {"previous_push": previous})
-    assert newest["pushed_version"] == 3
+def _pipeline_with_pusher(base, serving_dir: str) -> Pipeline:
+    c = _components(fm.sample_csv(str(base / "data.csv"), rows=50), GOOD)
+    evaluator = Evaluator(
+        examples=c["examples"],
+        model=c["model"],
+        eval_config=binary_classification_eval_config("tips_xf", lower_bounds={"example_count": 1}),
+    )
+    pusher = pu.Pusher(model=c["model"], blessing=evaluator.outputs.blessing, serving_model_dir=serving_dir)
+    return Pipeline("unpushable", str(base / "root"), [*c["upstream"], evaluator, pusher])
 
 
-def test_blessing_of_another_model_is_refused(tmp_path):
-    model, other = _model(tmp_path, "a"), _model(tmp_path, "b")
-    push = pu._Push(str(tmp_path / "serving"), str(tmp_path / "out"), None)
-    with pytest.raises(PipelineDefinitionError, match=r"is for model '.*/b', not for"):
-        push(_blessing(other, 1), model)
-
-
-def test_serving_dir_under_a_file_is_not_writable(tmp_path):
+def test_serving_dir_under_a_file_fails_the_run_before_anything_runs(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     serving = blocker / "models" / "taxi"
-    pusher = _pusher(serving)
     with pytest.raises(PipelineDefinitionError, match=re.escape(f"serving_model_dir '{serving}' is not writable")):
-        pusher.static_outputs({})
-    model = _model(tmp_path)
+        launcher.run(_pipeline_with_pusher(tmp_path, str(serving)), fm.BEAM_ARGS)
+    assert not (tmp_path / "root" / "Trainer").exists()  # no training was spent on it
     with pytest.raises(PipelineDefinitionError, match=re.escape(f"'{serving}' is not writable")):
-        pu.push_model(os.path.join(model.uri, pu.SERVING_MODEL_DIR), str(serving))
+        pu.push_model(str(tmp_path), str(serving))
 
 
 def test_read_only_serving_dir_is_not_writable(tmp_path):
@@ -194,57 +358,55 @@ def test_read_only_serving_dir_is_not_writable(tmp_path):
         read_only_directory(str(serving)),
         pytest.raises(PipelineDefinitionError, match=re.escape(f"'{serving}' is not writable")),
     ):
-        _pusher(serving).static_outputs({})
+        launcher.run(_pipeline_with_pusher(tmp_path, str(serving)), fm.BEAM_ARGS)
 
 
 def test_serving_dir_that_does_not_exist_yet_is_fine(tmp_path):
-    pusher = _pusher(tmp_path / "a" / "b")
+    pusher = _pipeline_with_pusher(tmp_path, str(tmp_path / "a" / "b")).components[-1]
     assert pusher.static_outputs({}) == {"pushed_model": {}}
     assert not (tmp_path / "a").exists()  # the check leaves nothing behind
 
 
 def test_cache_key_follows_the_versions_in_the_serving_dir(tmp_path):
-    pusher = _pusher(tmp_path / "serving")
+    pusher = _pipeline_with_pusher(tmp_path, str(tmp_path / "serving")).components[-1]
     empty = pusher.external_fingerprint()
     (tmp_path / "serving" / "1").mkdir(parents=True)
     (tmp_path / "serving" / ".tmp-push").mkdir()
+    (tmp_path / "serving" / pu.LOCK_FILE).touch()
     one = pusher.external_fingerprint()
     assert one != empty  # a version appeared: a cached push is no longer trusted
-    assert pusher.external_fingerprint() == one  # temp dirs do not count
+    assert pusher.external_fingerprint() == one  # temp dirs and the lock file do not count
 
 
-def test_remote_or_missing_serving_dir_is_rejected():
+def test_remote_or_missing_serving_dir_is_rejected(tmp_path):
     with pytest.raises(PipelineDefinitionError, match="only local directories"):
-        _pusher("gs://bucket/models")
+        _pipeline_with_pusher(tmp_path, "gs://bucket/models")
     with pytest.raises(PipelineDefinitionError, match="needs serving_model_dir"):
-        _pusher("")
+        _pipeline_with_pusher(tmp_path, "")
 
 
-class _FakeStore:
-    def __init__(self, artifacts):
-        self.artifacts = artifacts
-
-    def latest_artifacts(self, type_name, pipeline_name, properties=None):
-        found = [
-            a
-            for a in self.artifacts
-            if a.type.name == type_name and all(a.properties.get(k) == v for k, v in (properties or {}).items())
-        ]
-        return sorted(found, key=lambda a: a.id, reverse=True)
-
-
-def test_resolve_returns_the_last_push_of_this_pusher(tmp_path):
-    pusher = _pusher(tmp_path)
-    mine = {"producer_component": "Pusher", "pushed": 1, "model_uri": "/m/2", "pushed_destination": "/s/2"}
-    store = _FakeStore(
-        [
-            Artifact(PUSHED_MODEL, "/p/1", {**mine, "pushed_version": 1, "model_uri": "/m/1"}, id=1),
-            Artifact(PUSHED_MODEL, "/p/2", {**mine, "pushed_version": 2}, id=2),
-            Artifact(PUSHED_MODEL, "/p/3", {**mine, "pushed": 0}, id=3),
-            Artifact(PUSHED_MODEL, "/p/4", {**mine, "producer_component": "Other"}, id=4),
-        ]
+def test_pusher_wired_to_another_model_than_its_evaluator_is_rejected(tmp_path):
+    c = _components(fm.sample_csv(str(tmp_path / "data.csv"), rows=50), GOOD)
+    other = Trainer(
+        examples=c["upstream"][3].outputs.transformed_examples,
+        transform_graph=c["upstream"][3].outputs.transform_graph,
+        module_file=fm.TAXI_MODULE,
+        train_steps=2,
+        component_id="OtherTrainer",
     )
-    assert pusher.resolve(store, "p") == {
-        "previous_push": {"model_uri": "/m/2", "pushed_destination": "/s/2", "pushed_version": 2}
-    }
-    assert pusher.resolve(_FakeStore([]), "p") == {}
+    evaluator = Evaluator(
+        examples=c["examples"],
+        model=c["model"],
+        eval_config=binary_classification_eval_config("tips_xf", lower_bounds={"example_count": 1}),
+    )
+    with pytest.raises(PipelineDefinitionError, match=r"judges Channel\(Trainer\.outputs\.model.*OtherTrainer"):
+        pu.Pusher(model=other.outputs.model, blessing=evaluator.outputs.blessing, serving_model_dir=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_blessing_of_another_model_is_refused_when_the_push_runs(runs, tmp_path):
+    first, second, _ = runs["runs"]
+    push = pu._Push(str(tmp_path / "serving"), str(tmp_path / "out"), pushed_by="test", known_pushes={},
+                    baselines=None)  # fmt: skip
+    with pytest.raises(PipelineDefinitionError, match=re.escape(f"is for model '{runs['good']}', not for")):
+        push(first.artifact("Lenient", "blessing"), second.artifact("Trainer", "model"))
