@@ -18,6 +18,12 @@ class FnArgs:
     (open it with `tft.TFTransformOutput`). `base_model` is the SavedModel directory of the
     model to warm start from, or None. `strategy` is the tf.distribute strategy the Trainer
     created; run_fn is already called inside its scope.
+
+    Reproducible training is run_fn's job, as in TFX (the seed is a hyperparameter of the model):
+    seed Python, NumPy and TF (`tf.keras.utils.set_random_seed`), turn on
+    `tf.config.experimental.enable_op_determinism()`, and read data with
+    `make_dataset(..., seed=...)`, whose file order and shuffle then repeat exactly. The taxi example
+    module does all three.
     """
 
     train_files: list[str]
@@ -48,10 +54,13 @@ class FnArgs:
         *,
         shuffle: bool = True,
         num_epochs: int | None = None,
+        seed: int | None = None,
     ) -> Any:
         """A tf.data.Dataset of batched transformed features (and the label if `label_key` is given).
 
-        Repeats forever unless `num_epochs` is set, so training is bounded by steps, like TFX.
+        Repeats forever unless `num_epochs` is set, so training is bounded by steps, like TFX. With
+        `seed`, the file order and the shuffle are seeded; files are read one after another and
+        parsed in order, so the same files give the same batches on every run.
         """
         import tensorflow as tf
 
@@ -63,4 +72,7 @@ class FnArgs:
             label_key=label_key,
             num_epochs=num_epochs,
             shuffle=shuffle,
+            shuffle_seed=seed,
+            reader_num_threads=1,  # >1 interleaves files in whichever order reads finish
+            sloppy_ordering=False,
         )

@@ -19,7 +19,9 @@ The exported SavedModel embeds the transform graph and offers three signatures:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import tensorflow as tf
@@ -48,6 +50,7 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "learning_rate": 0.003,
     "hidden_units": [64, 32],
     "embedding_dim": 8,
+    "seed": 0,  # the same seed, data and steps give the same weights, bit for bit
 }
 
 
@@ -221,17 +224,42 @@ def _export(model: tf.keras.Model, tf_transform_output: tft.TFTransformOutput, e
 # -- entry point --------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _deterministic(seed: int) -> Iterator[None]:
+    """Seed Python, NumPy and TF and run TF's ops deterministically while training.
+
+    Op determinism is process-wide, and an in-process runner runs other stages in this process, so
+    it is switched back off afterwards if it was off (TF 2.16 has no public call for that).
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    was_enabled = tf_config.is_op_determinism_enabled()
+    tf.keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            tf_config.disable_op_determinism()
+
+
 def run_fn(fn_args: Any) -> None:
     """Train the wide & deep model on transformed examples and export it for serving.
 
     Hyperparameters (fn_args.hyperparameters overrides DEFAULT_HYPERPARAMETERS): batch_size,
-    learning_rate, hidden_units, embedding_dim. With fn_args.base_model set, weights start from
+    learning_rate, hidden_units, embedding_dim, seed. Training is deterministic: the seed fixes the
+    initial weights and the order of the examples. With fn_args.base_model set, weights start from
     that model, which must have the same architecture.
     """
     hp = {**DEFAULT_HYPERPARAMETERS, **(fn_args.hyperparameters or {})}
+    with _deterministic(int(hp["seed"])):
+        _train_and_export(fn_args, hp)
+
+
+def _train_and_export(fn_args: Any, hp: dict[str, Any]) -> None:
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
-    train = fn_args.make_dataset(fn_args.train_files, hp["batch_size"], LABEL_KEY)
-    evaluation = fn_args.make_dataset(fn_args.eval_files, hp["batch_size"], LABEL_KEY)
+    train = fn_args.make_dataset(fn_args.train_files, hp["batch_size"], LABEL_KEY, seed=hp["seed"])
+    evaluation = fn_args.make_dataset(fn_args.eval_files, hp["batch_size"], LABEL_KEY, seed=hp["seed"])
     model = _build_model(hp)
     if fn_args.base_model:
         # Restored into a never-compiled copy, then copied: loading into `model` itself would also
