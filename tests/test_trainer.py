@@ -1,4 +1,8 @@
-"""Trainer component: trains the taxi module on transformed examples inside a Beam stage."""
+"""Trainer component in real pipelines: ExampleGen → ... → Transform → Trainer on a few hundred taxi rows.
+
+Every test trains in one shared pipeline root, so ExampleGen, SchemaGen and Transform are reused from
+the cache after the first run and each Trainer variant costs only its own training.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +12,57 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pytest
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from beam_pipeline.artifacts import MODEL, Artifact
+from beam_pipeline import artifact_io
+from beam_pipeline.artifacts import MODEL
 from beam_pipeline.errors import PipelineDefinitionError, UserModuleError
 from runners import training
-from tests.test_transform import TAXI_MODULE, channels, run_component, run_transform, taxi_batches, write_module
+from tests.helpers import run_components, store_at
+from tests.test_transform import TAXI_MODULE, channels, taxi_components, taxi_sample, write_module
 from transforms.trainer import SERVING_DIR, Trainer
 from transforms.transform import Transform
 
 
+def taxi_trainer_components(data: str, *, transform_params: dict | None = None, **trainer_params) -> list:
+    """A fresh definition of the taxi pipeline up to the Trainer (20 steps unless told otherwise)."""
+    components = taxi_components(data, **(transform_params or {}))
+    schema, transform = components[-2], components[-1]
+    params = {"module_file": TAXI_MODULE, "train_steps": 20, "eval_steps": 5, **trainer_params}
+    trainer = Trainer(
+        examples=transform.outputs.transformed_examples,
+        transform_graph=transform.outputs.transform_graph,
+        schema=schema.outputs.schema,
+        **params,
+    )
+    return [*components, trainer]
+
+
 @pytest.fixture(scope="module")
-def transformed(tmp_path_factory):
-    """Transform outputs of 300 taxi rows, shared by the tests below."""
-    out = str(tmp_path_factory.mktemp("transform"))
-    _, artifacts = run_transform(out)
-    return artifacts
+def taxi_root(tmp_path_factory):
+    """The shared pipeline root and the 300-row CSV its ExampleGen reads."""
+    tmp = tmp_path_factory.mktemp("trainer")
+    return tmp / "root", taxi_sample(str(tmp / "taxi.csv"))
+
+
+def run_trainer(taxi_root, **trainer_params):
+    root, data = taxi_root
+    return run_components(root, taxi_trainer_components(data, **trainer_params), name="taxi")
+
+
+@pytest.fixture(scope="module")
+def trained(taxi_root):
+    """The first run: the whole pipeline, a model trained with the defaults."""
+    return run_trainer(taxi_root)
 
 
 def trainer_channels() -> tuple:
     examples, schema = channels()
     transform = Transform(examples=examples, schema=schema, module_file=TAXI_MODULE)
     return transform.outputs.transformed_examples, transform.outputs.transform_graph, schema
-
-
-def run_trainer(out_dir: str, transformed: dict[str, Artifact], resolved: dict | None = None, **params):
-    examples, graph, _ = trainer_channels()
-    params = {"module_file": TAXI_MODULE, "train_steps": 20, "eval_steps": 5, **params}
-    trainer = Trainer(examples=examples, transform_graph=graph, **params)
-
-    def make_inputs(p):
-        committed = {
-            "examples": p | "CommittedExamples" >> beam.Create([transformed["transformed_examples"]]),
-            "transform_graph": p | "CommittedGraph" >> beam.Create([transformed["transform_graph"]]),
-        }
-        return {"examples": {}, "transform_graph": committed["transform_graph"]}, committed
-
-    static = {"examples": {"splits": ["train", "eval"], "payload_format": "tfrecord_gzip"}, "transform_graph": {}}
-    return run_component(trainer, make_inputs, static, out_dir, resolved=resolved)
 
 
 def raw_requests(batch: pa.RecordBatch) -> tuple[dict[str, np.ndarray], list[bytes]]:
@@ -82,6 +95,13 @@ def raw_requests(batch: pa.RecordBatch) -> tuple[dict[str, np.ndarray], list[byt
     return dense, [e.SerializeToString() for e in examples]
 
 
+def split_rows(result, split: str) -> pa.RecordBatch:
+    """The raw rows of one split as ExampleGen wrote them."""
+    examples = result.artifact("ExampleGen", "examples")
+    batches = artifact_io.read_parquet_batches(artifact_io.join(examples.split_uri(split), "*.parquet"))
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+
+
 def model_weights(serving_dir: str) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
@@ -93,19 +113,16 @@ def model_weights(serving_dir: str) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, transformed):
-    """A model trained with the defaults; also the base of the warm-start test."""
-    return run_trainer(str(tmp_path_factory.mktemp("trained")), transformed)
+def weights_of(result) -> dict[str, np.ndarray]:
+    return model_weights(os.path.join(result.artifact("Trainer", "model").uri, SERVING_DIR))
 
 
-def test_trainer_exports_servable_model(tmp_path, trained):
+def test_trainer_exports_servable_model(trained):
     import tensorflow as tf
 
-    artifacts = trained
-    serving_dir = os.path.join(artifacts["model"].uri, SERVING_DIR)
-    assert glob.glob(os.path.join(artifacts["model_run"].uri, "train", "events.out.tfevents.*"))
-    assert artifacts["model_run"].properties["num_replicas"] == 1
+    serving_dir = os.path.join(trained.artifact("Trainer", "model").uri, SERVING_DIR)
+    assert glob.glob(os.path.join(trained.artifact("Trainer", "model_run").uri, "train", "events.out.tfevents.*"))
+    assert trained.artifact("Trainer", "model_run").properties["num_replicas"] == 1
 
     model = tf.saved_model.load(serving_dir)
     assert set(model.signatures) == {"serving_default", "from_examples", "transform_features"}
@@ -119,62 +136,65 @@ def test_trainer_exports_servable_model(tmp_path, trained):
     }
     assert all(s.shape.as_list() == [None] for s in specs.values())
 
-    dense, serialized = raw_requests(taxi_batches(str(tmp_path))[0]["train"].slice(0, 40))
+    rows = split_rows(trained, "train")
+    dense, serialized = raw_requests(rows)
     assert np.isnan(dense["pickup_latitude"]).any(), "the sample should exercise missing values"
     scores = serving(**{k: tf.constant(v) for k, v in dense.items()})["scores"].numpy()
-    assert scores.shape == (40, 1) and ((scores >= 0) & (scores <= 1)).all()
+    assert scores.shape == (rows.num_rows, 1) and ((scores >= 0) & (scores <= 1)).all()
     from_examples = model.signatures["from_examples"](examples=tf.constant(serialized))["scores"].numpy()
     np.testing.assert_allclose(scores, from_examples, rtol=1e-5)
 
     features = model.signatures["transform_features"](examples=tf.constant(serialized))
-    assert "tips_xf" in features and features["fare_xf"].shape == (40, 1)
+    assert "tips_xf" in features and features["fare_xf"].shape == (rows.num_rows, 1)
 
 
-def test_warm_start_starts_from_the_latest_model(tmp_path, transformed, trained):
-    base = trained["model"]
+def test_training_is_deterministic(taxi_root, trained):
+    """The whole pipeline again without the cache (new examples, transform graph and training): the
+    seeded taxi module gives the same weights bit for bit; another seed gives other weights."""
+    root, data = taxi_root
+    again = run_components(root, taxi_trainer_components(data), name="taxi", enable_cache=False)
+    assert again.components["Transform"].state == "COMPLETE"
+    assert again.artifact("Trainer", "model").uri != trained.artifact("Trainer", "model").uri
+    first, second = weights_of(trained), weights_of(again)
+    assert first.keys() == second.keys() and len(first) > 5
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
 
-    class Store:
-        def latest_artifacts(self, type_name, pipeline_name, properties=None):
-            calls.append((type_name, pipeline_name, properties))
-            return [base]
+    other = weights_of(run_trainer(taxi_root, hyperparameters={"seed": 1}))
+    assert any(not np.array_equal(first[name], other[name]) for name in first)
 
-    calls: list = []
-    examples, graph, _ = trainer_channels()
-    trainer = Trainer(examples=examples, transform_graph=graph, module_file=TAXI_MODULE, warm_start=True)
-    resolved = trainer.resolve(Store(), "taxi")
-    assert calls == [(MODEL.name, "taxi", {"producer_component": "Trainer"})]
-    assert resolved == {"warm_start_model": base}
-    assert trainer.external_fingerprint()
+
+def test_warm_start_starts_from_the_latest_model(taxi_root, trained):
+    root, data = taxi_root
+    store = store_at(root)
+    base = store.latest_artifacts(MODEL.name, "taxi", {"producer_component": "Trainer"})[0]
+    trainer = taxi_trainer_components(data, warm_start=True)[-1]
+    assert trainer.resolve(store, "taxi") == {"warm_start_model": base}
 
     # With a zero learning rate the warm-started weights must come out exactly as they went in.
     frozen = {"learning_rate": 0.0}
-    warm = run_trainer(str(tmp_path / "warm"), transformed, resolved, warm_start=True, hyperparameters=frozen)
-    assert warm["model"].properties["warm_started_from"] == os.path.join(base.uri, SERVING_DIR)
-    cold = run_trainer(str(tmp_path / "cold"), transformed, hyperparameters=frozen)
+    warm = run_trainer(taxi_root, warm_start=True, hyperparameters=frozen)
+    assert warm.artifact("Trainer", "model").properties["warm_started_from"] == os.path.join(base.uri, SERVING_DIR)
+    cold = run_trainer(taxi_root, hyperparameters=frozen)
+    assert "warm_started_from" not in cold.artifact("Trainer", "model").properties
     base_w = model_weights(os.path.join(base.uri, SERVING_DIR))
-    warm_w = model_weights(os.path.join(warm["model"].uri, SERVING_DIR))
-    cold_w = model_weights(os.path.join(cold["model"].uri, SERVING_DIR))
+    warm_w, cold_w = weights_of(warm), weights_of(cold)
     assert base_w.keys() == warm_w.keys() and len(base_w) > 5
     for k in base_w:
         np.testing.assert_array_equal(base_w[k], warm_w[k])
     assert any(not np.array_equal(base_w[k], cold_w[k]) for k in base_w)
 
 
-def test_no_warm_start_without_previous_model():
-    class Store:
-        def latest_artifacts(self, type_name, pipeline_name, properties=None):
-            return []
-
-    examples, graph, _ = trainer_channels()
-    trainer = Trainer(examples=examples, transform_graph=graph, module_file=TAXI_MODULE, warm_start=True)
-    assert trainer.resolve(Store(), "taxi") == {}
+def test_no_warm_start_without_previous_model(tmp_path):
+    trainer = taxi_trainer_components(taxi_sample(str(tmp_path / "taxi.csv")), warm_start=True)[-1]
+    assert trainer.resolve(store_at(tmp_path), "taxi") == {}
 
 
-def test_mirrored_strategy_on_two_logical_cpus(tmp_path, transformed):
-    artifacts = run_trainer(str(tmp_path), transformed, strategy="mirrored", cpu_devices=2)
-    properties = artifacts["model_run"].properties
+def test_mirrored_strategy_on_two_logical_cpus(taxi_root):
+    result = run_trainer(taxi_root, strategy="mirrored", cpu_devices=2)
+    properties = result.artifact("Trainer", "model_run").properties
     assert (properties["strategy"], properties["num_replicas"]) == ("mirrored", 2)
-    assert os.path.exists(os.path.join(artifacts["model"].uri, SERVING_DIR, "saved_model.pb"))
+    assert os.path.exists(os.path.join(result.artifact("Trainer", "model").uri, SERVING_DIR, "saved_model.pb"))
 
 
 def test_module_without_run_fn(tmp_path):
@@ -184,23 +204,21 @@ def test_module_without_run_fn(tmp_path):
         Trainer(examples=examples, transform_graph=graph, module_file=module)
 
 
-def test_run_fn_raising_names_module_and_error(tmp_path, transformed):
+def test_run_fn_raising_names_module_and_error(taxi_root, trained, tmp_path):
     module = write_module(str(tmp_path), "def run_fn(fn_args):\n    raise KeyError('hidden_units')\n")
     with pytest.raises(UserModuleError, match=r"run_fn in .*user_module\.py raised KeyError: 'hidden_units'"):
-        run_trainer(str(tmp_path), transformed, module_file=module)
+        run_trainer(taxi_root, module_file=module)
 
 
-def test_run_fn_that_exports_nothing(tmp_path, transformed):
+def test_run_fn_that_exports_nothing(taxi_root, trained, tmp_path):
     module = write_module(str(tmp_path), "def run_fn(fn_args):\n    pass\n")
     with pytest.raises(UserModuleError, match="returned without exporting a SavedModel"):
-        run_trainer(str(tmp_path), transformed, module_file=module)
+        run_trainer(taxi_root, module_file=module)
 
 
-def test_unmaterialized_examples_rejected_at_compile_time():
-    examples, graph, _ = trainer_channels()
-    trainer = Trainer(examples=examples, transform_graph=graph, module_file=TAXI_MODULE)
+def test_unmaterialized_examples_rejected_at_compile_time(taxi_root):
     with pytest.raises(PipelineDefinitionError, match="materialize"):
-        trainer.static_outputs({"examples": {"splits": ["train", "eval"], "payload_format": None}})
+        run_trainer(taxi_root, transform_params={"materialize": False})
 
 
 @pytest.mark.parametrize(
@@ -212,23 +230,39 @@ def test_bad_strategy_configuration(strategy, cpu_devices, message):
         training.validate(strategy, cpu_devices)
 
 
-def test_fn_args_dataset_yields_transformed_batches(transformed):
+def _fn_args(trained):
     from transforms._fn_args import FnArgs
 
-    examples = transformed["transformed_examples"]
-    fn_args = FnArgs(
+    examples = trained.artifact("Transform", "transformed_examples")
+    return FnArgs(
         train_files=[os.path.join(examples.split_uri("train"), "*.gz")],
         eval_files=[],
-        transform_output=transformed["transform_graph"].uri,
+        transform_output=trained.artifact("Transform", "transform_graph").uri,
         serving_model_dir="",
         model_run_dir="",
         train_steps=1,
         eval_steps=1,
         schema=schema_pb2.Schema(),
     )
+
+
+def test_fn_args_dataset_yields_transformed_batches(trained):
+    fn_args = _fn_args(trained)
     features, label = next(iter(fn_args.make_dataset(fn_args.train_files, 8, "tips_xf")))
     assert label.shape == (8, 1) and "tips_xf" not in features
     assert math.isfinite(float(features["fare_xf"].numpy().sum()))
+
+
+def test_fn_args_dataset_with_a_seed_repeats_its_order(trained):
+    fn_args = _fn_args(trained)
+
+    def fares(seed: int) -> np.ndarray:
+        batches = fn_args.make_dataset(fn_args.train_files, 16, "tips_xf", seed=seed).take(6)
+        return np.concatenate([features["fare_xf"].numpy() for features, _ in batches])
+
+    first = fares(7)
+    np.testing.assert_array_equal(first, fares(7))
+    assert not np.array_equal(first, fares(8))
 
 
 def served_auc(serving_dir: str, batches: list[pa.RecordBatch]) -> float:
