@@ -11,7 +11,7 @@ from tensorflow_metadata.proto.v0 import statistics_pb2
 from beam_pipeline import Pipeline, artifact_io, launcher
 from beam_pipeline.errors import AnomaliesFoundError
 from tests.helpers import executions_by_state, in_process_pipeline, store_at
-from transforms import _example_io
+from transforms import _csv_blocks as _example_io
 from transforms.example_gen import ExampleGen
 from transforms.example_validator import ExampleValidator
 from transforms.schema_gen import ImportSchemaGen, SchemaGen

@@ -283,7 +283,7 @@ def _count_parses(monkeypatch) -> list[int]:
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(io_.pv, "read_csv", counting)
+    monkeypatch.setattr(pv, "read_csv", counting)
     return calls
 
 

@@ -15,7 +15,19 @@ from beam_pipeline import artifact_io, caching
 from beam_pipeline.artifacts import EXAMPLES
 from beam_pipeline.dsl import Component
 from beam_pipeline.errors import InputDataError, PipelineDefinitionError
-from transforms import _example_io as io_
+from transforms._arrow_layout import list_schema, to_list_batch
+from transforms._csv_blocks import BadRecord, byte_ranges, parse_csv_block
+from transforms._csv_scan import scan_csv
+from transforms._input_files import match_files
+from transforms._parquet_tfrecord import (
+    conform,
+    parquet_row_groups,
+    read_parquet_group,
+    read_tfrecord,
+    same_parquet_schema,
+    tfrecord_schema,
+)
+from transforms._split_hash import assign_splits, row_hashes
 
 FORMATS = ("csv", "parquet", "tfrecord")
 QUARANTINE_DIR = "Quarantine"
@@ -73,7 +85,7 @@ class ExampleGen(Component):
     # -- compile time (recomputed on every call: a Pipeline object may run again on new files) --------
     @property
     def files(self) -> list[str]:
-        return io_.match_files(self.params["input_base"])
+        return match_files(self.params["input_base"])
 
     def external_fingerprint(self, inputs=None) -> str:
         files = self.files
@@ -94,13 +106,13 @@ class ExampleGen(Component):
         fmt, notes = self.params["format"], []
         if fmt == "csv":
             stamps = _stamps(files)
-            scan = io_.scan_csv(files, self.params["column_types"])
+            scan = scan_csv(files, self.params["column_types"])
             schema, notes = scan.schema, list(scan.notes)
             self._digest_handoff = (stamps, scan.digests)
         elif fmt == "parquet":
-            schema = _same_parquet_schema(files)
+            schema = same_parquet_schema(files)
         else:
-            schema = _tfrecord_schema(files)
+            schema = tfrecord_schema(files)
         feature = self.params["partition_feature"]
         if feature and feature not in schema.names:
             raise InputDataError(f"partition_feature {feature!r} is not a column of {files[0]}: {schema.names}")
@@ -111,7 +123,7 @@ class ExampleGen(Component):
         schema, notes = self._plan_input(files)
         return {
             "examples": {
-                "arrow_schema": io_.list_schema(schema),
+                "arrow_schema": list_schema(schema),
                 "splits": list(self.params["splits"]),
                 # What expand() reads: this run's files and types, not an earlier run's.
                 "files": files,
@@ -128,9 +140,9 @@ class ExampleGen(Component):
         splits = list(self.params["splits"])
         fmt = self.params["format"]
         if fmt == "csv":
-            units = [r for f in files for r in io_.byte_ranges(f, self.params["block_size_bytes"])]
+            units = [r for f in files for r in byte_ranges(f, self.params["block_size_bytes"])]
         elif fmt == "parquet":
-            units = [r for f in files for r in io_.parquet_row_groups(f)]
+            units = [r for f in files for r in parquet_row_groups(f)]
         else:
             units = [(f, 0, 0) for f in files]
         read = _ReadSplitWrite(
@@ -181,13 +193,13 @@ class _ReadSplitWrite(beam.DoFn):
 
     def process(self, element):
         index, (path, start, end) = element
-        bad: list[io_.BadRecord] = []
+        bad: list[BadRecord] = []
         if self._fmt == "csv":
-            table, bad = io_.parse_csv_block(path, start, end, self._schema, self._on_bad)
+            table, bad = parse_csv_block(path, start, end, self._schema, self._on_bad)
         elif self._fmt == "parquet":
-            table = _conform(io_.read_parquet_group(path, start), self._schema, path)
+            table = conform(read_parquet_group(path, start), self._schema, path)
         else:
-            table = _read_tfrecord(path, self._schema)
+            table = read_tfrecord(path, self._schema)
         counts: dict[str, int] = {_BAD: len(bad)}
         if bad:
             artifact_io.write_text(
@@ -195,13 +207,13 @@ class _ReadSplitWrite(beam.DoFn):
                 "".join(b.render() + "\n" for b in bad),
             )
         if table.num_rows:
-            hashes = io_.row_hashes(table, [self._partition] if self._partition else None)
-            for split, rows in io_.assign_splits(hashes, self._splits).items():
+            hashes = row_hashes(table, [self._partition] if self._partition else None)
+            for split, rows in assign_splits(hashes, self._splits).items():
                 counts[split] = len(rows)
                 if len(rows) == 0:
                     continue
                 # Take on the flat columns, then build lists: cheaper than taking from list arrays.
-                part = io_.to_list_batch(table.take(pa.array(rows)) if len(rows) != table.num_rows else table)
+                part = to_list_batch(table.take(pa.array(rows)) if len(rows) != table.num_rows else table)
                 path_out = artifact_io.join(self._uri, f"Split-{split}", f"part-{index:05d}.parquet")
                 with FileSystems.create(path_out) as f:
                     pq.write_table(pa.Table.from_batches([part]), f, compression="snappy")
@@ -213,83 +225,3 @@ def _stamps(files: list[str]) -> tuple:
     """(path, size, mtime) of each file: what must be unchanged for a handed-over digest to stand."""
     found = FileSystems.match(files)
     return tuple((m.path, m.size_in_bytes, m.last_updated_in_seconds) for r in found for m in r.metadata_list)
-
-
-def _same_parquet_schema(files: list[str]) -> pa.Schema:
-    first = io_.parquet_schema(files[0])
-    for path in files[1:]:
-        other = io_.parquet_schema(path)
-        if other.names != first.names:
-            raise InputDataError(f"{path}: columns differ from {files[0]}: expected {first.names}, got {other.names}")
-    return first
-
-
-def _conform(table: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
-    try:
-        return table.select(schema.names).cast(schema)
-    except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise InputDataError(f"{path}: does not match the schema {schema}: {e}") from None
-
-
-def _tfrecord_schema(files: list[str]) -> pa.Schema:
-    """Feature types from the first records of each file (up to 8 files × 10,000 records), decoded by tfx-bsl.
-
-    A feature absent from every sampled record cannot be seen here; name it in `column_types`.
-    """
-    from tfx_bsl.coders.example_coder import ExamplesToRecordBatchDecoder
-
-    fields: dict[str, pa.DataType] = {}
-    for path in files[:8]:
-        records = _tfrecords(path, limit=10000)
-        if not records:
-            raise InputDataError(f"{path}: TFRecord file holds no records; expected serialized tf.train.Example")
-        try:
-            batch = ExamplesToRecordBatchDecoder().DecodeBatch(records)
-        except Exception as e:
-            raise InputDataError(f"{path}: records are not serialized tf.train.Example: {e}") from None
-        for f in batch.schema:
-            if f.type != pa.null() and not pa.types.is_null(getattr(f.type, "value_type", f.type)):
-                fields.setdefault(f.name, f.type)
-    return pa.schema([pa.field(name, fields[name]) for name in sorted(fields)])
-
-
-def _tfrecords(path: str, limit: int | None = None) -> list[bytes]:
-    import tensorflow as tf
-
-    compression = "GZIP" if path.endswith(".gz") else ""
-    ds = tf.data.TFRecordDataset(path, compression_type=compression)
-    if limit:
-        ds = ds.take(limit)
-    return [r.numpy() for r in ds]
-
-
-def _read_tfrecord(path: str, schema: pa.Schema) -> pa.Table:
-    from tensorflow_metadata.proto.v0 import schema_pb2
-    from tfx_bsl.coders.example_coder import ExamplesToRecordBatchDecoder
-
-    tfmd = schema_pb2.Schema()
-    for f in schema:
-        value = f.type.value_type if pa.types.is_large_list(f.type) or pa.types.is_list(f.type) else f.type
-        kind = (
-            schema_pb2.INT
-            if pa.types.is_integer(value)
-            else schema_pb2.FLOAT
-            if pa.types.is_floating(value)
-            else schema_pb2.BYTES
-        )
-        tfmd.feature.add(name=f.name, type=kind)
-    decoder = ExamplesToRecordBatchDecoder(tfmd.SerializeToString())
-    records = _tfrecords(path)
-    if not records:
-        return _empty(schema)
-    try:
-        batch = decoder.DecodeBatch(records)
-    except Exception as e:
-        raise InputDataError(
-            f"{path}: records are not serialized tf.train.Example matching {schema.names}: {e}"
-        ) from None
-    return pa.Table.from_batches([batch])
-
-
-def _empty(schema: pa.Schema) -> pa.Table:
-    return pa.table({f.name: pa.array([], type=f.type) for f in schema})
