@@ -377,6 +377,18 @@ def test_compressed_csv_gives_the_same_examples_as_the_plain_file(tmp_path, taxi
     assert _examples_rows(gz) == _examples_rows(plain) == _examples_rows(bz)
 
 
+def test_a_compressed_file_has_one_fingerprint_with_or_without_the_scan(tmp_path):
+    """The scan digests decompressed data; the fallback (no scan this plan) must take the same digest."""
+    import gzip
+
+    with gzip.open(tmp_path / "d.csv.gz", "wt") as f:
+        f.write(HEADER + _rows(100))
+    scanned = ExampleGen(input_base=str(tmp_path / "d.csv.gz"))
+    scanned.static_outputs({})  # the scan hands its digests to the fingerprint that follows
+    unscanned = ExampleGen(input_base=str(tmp_path / "d.csv.gz"))
+    assert scanned.external_fingerprint() == unscanned.external_fingerprint()
+
+
 def test_a_bad_line_in_a_compressed_file_is_named_by_its_line(tmp_path):
     import gzip
 

@@ -17,7 +17,7 @@ from beam_pipeline.dsl import Component
 from beam_pipeline.errors import InputDataError, PipelineDefinitionError
 from transforms._arrow_layout import list_schema, to_list_batch
 from transforms._csv_blocks import BadRecord, byte_ranges, parse_csv_block
-from transforms._csv_scan import scan_csv
+from transforms._csv_scan import file_digest, scan_csv
 from transforms._input_files import match_files
 from transforms._parquet_tfrecord import (
     conform,
@@ -91,10 +91,13 @@ class ExampleGen(Component):
         files = self.files
         handoff, self._digest_handoff = self._digest_handoff, None
         digests = handoff[1] if handoff is not None and handoff[0] == _stamps(files) else {}
+        # CSV digests are of the decompressed data, as the type scan takes them: the same file
+        # gets the same key whether or not the scan's digests were handed over.
+        digest = file_digest if self.params["format"] == "csv" else caching.file_fingerprint
         h = hashlib.blake2b(digest_size=16)
         for path in files:
             h.update(path.encode())
-            h.update((digests.get(path) or caching.file_fingerprint(path)).encode())
+            h.update((digests.get(path) or digest(path)).encode())
         return h.hexdigest()
 
     def flat_schema(self) -> pa.Schema:
