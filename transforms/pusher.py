@@ -374,6 +374,7 @@ class Pusher(Component):
 
     INPUTS = {"model": InputSpec(MODEL), "blessing": InputSpec(MODEL_BLESSING)}
     OUTPUTS = {"pushed_model": PUSHED_MODEL}
+    FINGERPRINT_AFTER_RUN = True  # the key records the versions as this push left them
     # Its key holds the serving directory's versions as the push left them, so a rerun finds it.
     FINGERPRINT_AFTER_RUN = True
 
