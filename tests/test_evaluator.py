@@ -1,172 +1,115 @@
-"""Evaluator: TFMA metrics on in-graph RecordBatches, blessing by value and change thresholds.
+"""Evaluator in real pipelines: the taxi model (ExampleGen → ... → Trainer) judged by TFMA, then pushed or not.
 
-A tiny Keras model following the model contract (serving_default, from_examples, transform_features
-with the transformed label `label_xf`) is built in a fixture with fixed weights, so a "good" and a
-"bad" model need no training: score = sigmoid(w * x), label = x > 0.
+Two models of known quality come from real Trainer runs on the same 1,500 rows: a good one
+(GOOD_STEPS steps) and a weak one (1 step). Training is seeded and deterministic, and every threshold
+that must be met is met by a wide margin on a large slice (value thresholds apply to the whole eval
+split; per-hour slices hold ~20 rows, too few to judge a model on).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
-import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 import pytest
 import tensorflow as tf
 import tensorflow_model_analysis as tfma
-import tf_keras
 from google.protobuf import json_format
 
-from beam_pipeline.artifacts import EXAMPLES, MODEL, MODEL_BLESSING, Artifact
-from beam_pipeline.dsl import Component, ComponentContext
+from beam_pipeline.artifacts import MODEL, MODEL_BLESSING, Artifact
 from beam_pipeline.errors import InputDataError, MetadataError, PipelineDefinitionError
-from tests.helpers import in_process_pipeline, run_components
+from tests.helpers import run_components, store_at
+from tests.test_trainer import split_rows, taxi_trainer_components
+from tests.test_transform import TAXI_CSV, taxi_sample
 from transforms import evaluator as ev
 from transforms.pusher import Pusher
 
-LABEL = "label_xf"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = 240
+LABEL = "tips_xf"  # taxi_utils.LABEL_KEY, the transformed label
+GOOD_STEPS = 100
+WEAK_STEPS = 1
+# Met by the good model with a wide margin: it scores AUC 0.937, accuracy 0.861 (the weak one 0.468, 0.573).
+BLESS_BOUNDS = {"auc": 0.75, "binary_accuracy": 0.7}
+NEXT_DAY_ROWS = 600
 
 
-class _Source(Component):
-    """Stands in for the producers of the Evaluator's inputs (only its channels are used)."""
+def _overall_only(config: tfma.EvalConfig) -> tfma.EvalConfig:
+    """Move every value threshold from all slices to the Overall slice; change thresholds stay per slice."""
+    for metric in config.metrics_specs[0].metrics:
+        if metric.threshold.HasField("value_threshold"):
+            per_slice = metric.per_slice_thresholds.add(slicing_specs=[tfma.SlicingSpec()])
+            per_slice.threshold.value_threshold.CopyFrom(metric.threshold.value_threshold)
+            metric.threshold.ClearField("value_threshold")
+            if not metric.threshold.HasField("change_threshold"):
+                metric.ClearField("threshold")
+    return config
 
-    OUTPUTS = {"examples": EXAMPLES, "model": MODEL, "blessing": MODEL_BLESSING}
 
-    def __init__(self):
-        super().__init__(inputs={})
-
-
-def _channels() -> _Source:
-    return _Source()
+def _config(**thresholds) -> tfma.EvalConfig:
+    return _overall_only(ev.binary_classification_eval_config(LABEL, slice_features=["trip_start_hour"], **thresholds))
 
 
-def _save_model(path: str, weight: float) -> None:
-    inp = tf_keras.Input(shape=(1,), name="x_xf", dtype=tf.float32)
-    out = tf_keras.layers.Dense(1, activation="sigmoid")(inp)
-    model = tf_keras.Model(inp, out)
-    model.layers[-1].set_weights([np.array([[weight]], np.float32), np.zeros(1, np.float32)])
-    spec = {
-        "x": tf.io.FixedLenFeature([1], tf.float32, default_value=[0.0]),
-        "label": tf.io.FixedLenFeature([1], tf.int64, default_value=[0]),
-    }
+BLESS_CONFIG = _config(lower_bounds=BLESS_BOUNDS, max_regression={"auc": 0.0, "binary_accuracy": 0.0})
+# The weak model misses this on the whole next-day file by a wide margin (it scores 0.593).
+NEXT_DAY_BOUND = 0.8
+NEXT_DAY_CONFIG = ev.binary_classification_eval_config(
+    LABEL, slice_features=["trip_start_hour"], lower_bounds={"binary_accuracy": NEXT_DAY_BOUND}
+)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
-    def transform_features(examples):
-        parsed = tf.io.parse_example(examples, spec)
-        return {"x_xf": parsed["x"], LABEL: parsed["label"]}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
-    def from_examples(examples):
-        return {"scores": model(tf.io.parse_example(examples, spec)["x"])}
-
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None], tf.float32, name="x"),
-            tf.TensorSpec([None], tf.int64, name="trip_start_hour"),
-        ]
-    )
-    def serving_default(x, trip_start_hour):
-        return {"scores": model(tf.reshape(x, [-1, 1]))}
-
-    model.save(
-        os.path.join(path, ev.SERVING_MODEL_DIR),
-        save_format="tf",
-        signatures={
-            "serving_default": serving_default,
-            "from_examples": from_examples,
-            "transform_features": transform_features,
-        },
-    )
+def _pipeline(data: str, serving: str, train_steps: int, *extra: str, next_day: str | None = None) -> list:
+    """A fresh taxi pipeline definition: the Trainer, the blessing Evaluator and the Pusher, plus
+    "UnjudgedEvaluator" (no thresholds) and/or "NextDayEvaluator" (value thresholds on `next_day`)."""
+    components = taxi_trainer_components(data, train_steps=train_steps)
+    gen, trainer = components[0], components[-1]
+    evaluator = ev.Evaluator(examples=gen.outputs.examples, model=trainer.outputs.model, eval_config=BLESS_CONFIG)
+    components += [evaluator]
+    if "unjudged" in extra:
+        config = ev.binary_classification_eval_config(LABEL, slice_features=["trip_start_hour"])
+        components.append(
+            ev.Evaluator(
+                examples=gen.outputs.examples,
+                model=trainer.outputs.model,
+                eval_config=config,
+                component_id="UnjudgedEvaluator",
+            )
+        )
+    if next_day:
+        components.append(
+            ev.Evaluator(
+                examples=gen.outputs.examples,
+                model=trainer.outputs.model,
+                eval_config=NEXT_DAY_CONFIG,
+                data_path=next_day,
+                component_id="NextDayEvaluator",
+            )
+        )
+    pusher = Pusher(model=trainer.outputs.model, blessing=evaluator.outputs.blessing, serving_model_dir=serving)
+    return [*components, pusher]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
-    """Model artifact URIs: "good" (w=4) ranks and classifies well, "bad" (w=-4) inverts it."""
-    root = tmp_path_factory.mktemp("models")
-    uris = {}
-    for name, weight in (("good", 4.0), ("bad", -4.0)):
-        uris[name] = str(root / name)
-        _save_model(uris[name], weight)
-    return uris
+def taxi(tmp_path_factory, taxi_small_csv):
+    tmp = tmp_path_factory.mktemp("evaluator")
+    return {"data": taxi_small_csv, "root": tmp / "root", "serving": str(tmp / "serving"), "tmp": tmp}
 
 
-def _batch(rows: int, seed: int) -> pa.RecordBatch:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=rows).astype(np.float32)
-    hour = rng.integers(0, 3, rows)
-    x_lists = [[float(v)] for v in x]
-    for i in range(0, rows, 40):  # a missing value (empty list) every 40 rows: parsed as x=0
-        x_lists[i] = []
-        x[i] = 0.0
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array(x_lists, pa.large_list(pa.float32())),
-            pa.array([[int(h)] for h in hour], pa.large_list(pa.int64())),
-            pa.array([[int(v > 0)] for v in x], pa.large_list(pa.int64())),
-        ],
-        names=["x", "trip_start_hour", "label"],
-    )
+def _run(taxi, train_steps: int, *extra: str, next_day: str | None = None):
+    components = _pipeline(taxi["data"], taxi["serving"], train_steps, *extra, next_day=next_day)
+    return run_components(taxi["root"], components, name="taxi")
 
 
-ARROW_SCHEMA = _batch(1, 0).schema
+@pytest.fixture(scope="module")
+def first(taxi):
+    """The first run: a good model, no blessed baseline yet."""
+    return _run(taxi, GOOD_STEPS, "unjudged")
 
 
-def _config(**kwargs) -> tfma.EvalConfig:
-    return ev.binary_classification_eval_config(LABEL, slice_features=["trip_start_hour"], **kwargs)
-
-
-def _commit_factory(ctx: ComponentContext, component: Component, record_dir: str):
-    """Like the compiler's commit step: merge the published dicts, record them, emit the Artifact."""
-
-    def commit(name: str, properties: beam.PCollection) -> beam.PCollection:
-        atype, uri = component.OUTPUTS[name], ctx.output_uris[name]
-        path = os.path.join(record_dir, f"{component.id}.{name}.json")
-
-        def record(dicts: list[dict]) -> Artifact:
-            merged = {k: v for d in dicts for k, v in d.items()}
-            with open(path, "w") as f:
-                json.dump(merged, f)
-            return Artifact(atype, uri, merged)
-
-        return (
-            properties
-            | f"{component.id}.{name}.Gather" >> beam.combiners.ToList()
-            | f"{component.id}.{name}.Commit" >> beam.Map(record)
-        )
-
-    return commit
-
-
-def _apply(p, component, inputs, root, *, input_uris=None, resolved=None, input_static=None):
-    """Apply `component` to `inputs` as the compiler would, with outputs under `root/<id>/<name>`."""
-    ctx = ComponentContext(
-        pipeline_name="test",
-        pipeline_root=str(root),
-        run_id="run",
-        execution_id=1,
-        output_uris={name: str(root / component.id / name) for name in component.OUTPUTS},
-        input_static=input_static or {"examples": {"arrow_schema": ARROW_SCHEMA, "splits": ["train", "eval"]}},
-        output_static={},
-        resolved=resolved or {},
-    )
-    ctx.input_uris = input_uris or {}
-    ctx.commit_factory = _commit_factory(ctx, component, str(root))
-    component.bind(ctx)
-    try:
-        inputs | component.id >> component
-    finally:
-        component.bind(None)
-    return ctx
-
-
-def _committed(root, component_id: str, name: str) -> dict:
-    with open(os.path.join(str(root), f"{component_id}.{name}.json")) as f:
-        return json.load(f)
+@pytest.fixture(scope="module")
+def worse(taxi, first):
+    """The next run: a 1-step model judged against the first (blessed) one, and on next-day rows."""
+    next_day = taxi_sample(str(taxi["tmp"] / "next_day.csv"), NEXT_DAY_ROWS, skip=1500, extra_column=True)
+    return _run(taxi, WEAK_STEPS, next_day=next_day), next_day
 
 
 def _read(path: str) -> str:
@@ -174,144 +117,217 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _run_evaluator(root, model_uri, config, *, baseline: Artifact | None = None, pusher_dir=None, **kwargs):
-    src = _channels()
-    evaluator = ev.Evaluator(examples=src.outputs.examples, model=src.outputs.model, eval_config=config, **kwargs)
-    with in_process_pipeline() as p:
-        model = p | "Model" >> beam.Create([Artifact(MODEL, model_uri, {})])
-        examples = {
-            "train": p | "Train" >> beam.Create([_batch(50, 1)]),
-            "eval": p | "Eval" >> beam.Create([_batch(ROWS // 2, 2), _batch(ROWS // 2, 3)]),
-        }
-        ctx = _apply(
-            p,
-            evaluator,
-            {"examples": examples, "model": model},
-            root,
-            input_uris={"model": model_uri},
-            resolved={"baseline_model": baseline} if baseline else {},
-        )
-        if pusher_dir is not None:
-            pusher = Pusher(model=src.outputs.model, blessing=evaluator.outputs.blessing, serving_model_dir=pusher_dir)
-            _apply(p, pusher, {"model": model, "blessing": ctx.committed_outputs["blessing"]}, root)
-    return ctx
+def _overall(evaluation_uri: str, model_name: str = "") -> dict:
+    """Overall metrics of one model (the candidate, or the baseline by name), name → value."""
+    for per_slice in tfma.load_metrics(evaluation_uri):
+        if per_slice.slice_key.ByteSize() == 0:
+            return {
+                kv.key.name: kv.value.double_value.value
+                for kv in per_slice.metric_keys_and_values
+                if kv.key.model_name == model_name and not kv.key.is_diff and kv.value.HasField("double_value")
+            }
+    raise AssertionError(f"no overall slice in {evaluation_uri}")
 
 
-# -- first model: no baseline ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def first_run(models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("first")
-    config = _config(lower_bounds={"binary_accuracy": 0.7}, max_regression={"auc": 0.0, "binary_accuracy": 0.0})
-    ctx = _run_evaluator(root, models["good"], config)
-    return root, ctx
-
-
-def test_first_model_is_blessed_on_value_thresholds_alone(first_run, models):
-    root, ctx = first_run
-    props = _committed(root, "Evaluator", "blessing")
-    assert props["blessed"] == 1
-    assert props["model_uri"] == models["good"]
+# -- the first model: blessed on value thresholds, pushed -------------------------------------------------
+def test_first_model_is_blessed_on_value_thresholds_alone(first):
+    model = first.artifact("Trainer", "model")
+    blessing = first.artifact("Evaluator", "blessing")
+    props = blessing.properties
+    assert props["blessed"] == 1, props["blessing_message"]
+    assert props["model_uri"] == model.uri
     assert "baseline_model_uri" not in props
-    blessing_dir = ctx.output_uris["blessing"]
-    assert os.path.exists(os.path.join(blessing_dir, ev.BLESSED_FILE))
-    assert not os.path.exists(os.path.join(blessing_dir, ev.NOT_BLESSED_FILE))
-    report = json.loads(_read(os.path.join(blessing_dir, ev.VALIDATION_FILE)))
+    assert os.path.exists(os.path.join(blessing.uri, ev.BLESSED_FILE))
+    assert not os.path.exists(os.path.join(blessing.uri, ev.NOT_BLESSED_FILE))
+    report = json.loads(_read(os.path.join(blessing.uri, ev.VALIDATION_FILE)))
     assert report["blessed"] is True and report["reasons"] == []
     assert "change thresholds were not applied" in report["summary"]
 
+    metrics = _overall(first.artifact("Evaluator", "evaluation").uri)
+    print(f"good model, overall: auc {metrics['auc']:.4f}, binary_accuracy {metrics['binary_accuracy']:.4f}")
+    for name, bound in BLESS_BOUNDS.items():
+        assert metrics[name] >= bound + 0.05, (name, metrics[name])  # the margin the docstring promises
 
-def test_evaluation_is_readable_by_tfma_loaders(first_run):
-    root, ctx = first_run
-    uri = ctx.output_uris["evaluation"]
+    pushed = first.artifact("Pusher", "pushed_model").properties
+    assert (pushed["pushed"], pushed["pushed_version"]) == (1, 1)
+    assert os.path.exists(os.path.join(pushed["pushed_destination"], "saved_model.pb"))
+
+
+def test_evaluation_is_readable_by_tfma_loaders(first):
+    uri = first.artifact("Evaluator", "evaluation").uri
     result = tfma.load_eval_result(uri)
+    eval_rows = split_rows(first, "eval")
+    hours = {h[0] for h in eval_rows.column("trip_start_hour").to_pylist() if h}
     slices = {key for key, _ in result.slicing_metrics}
-    assert slices == {(), (("trip_start_hour", 0),), (("trip_start_hour", 1),), (("trip_start_hour", 2),)}
+    assert slices == {(), *((("trip_start_hour", h),) for h in hours)}
+    assert len(slices) > 10
     overall = dict(result.slicing_metrics)[()][""][""]
     for name in ("example_count", "binary_accuracy", "auc", "auc_pr", "calibration", "binary_crossentropy"):
         assert name in overall, name
-    assert overall["example_count"]["doubleValue"] == ROWS
-    assert overall["auc"]["doubleValue"] > 0.95
-    assert any(per_slice.slice_key.ByteSize() == 0 for per_slice in tfma.load_metrics(uri))
+    assert overall["example_count"]["doubleValue"] == eval_rows.num_rows
+    assert eval_rows.num_rows == first.artifact("ExampleGen", "examples").properties["row_counts"]["eval"]
     assert tfma.load_validation_result(uri).validation_ok
-    assert _committed(root, "Evaluator", "evaluation") == {"evaluated_on": "split eval"}
+    assert first.artifact("Evaluator", "evaluation").properties["evaluated_on"] == "split eval"
 
 
-def test_config_without_thresholds_never_blesses(first_run, tmp_path):
-    _, ctx = first_run
-    judge = ev._Judge(
-        evaluation_uri=ctx.output_uris["evaluation"],
-        blessing_uri=str(tmp_path),
-        baseline_uri=None,
-        has_thresholds=False,
-    )
-    props = judge(1, Artifact(MODEL, "/models/m", {}))
-    assert props["blessed"] == 0
-    assert "no thresholds" in _read(str(tmp_path / ev.NOT_BLESSED_FILE))
+def test_config_without_thresholds_never_blesses(first):
+    blessing = first.artifact("UnjudgedEvaluator", "blessing")
+    assert blessing.properties["blessed"] == 0
+    assert "no thresholds" in _read(os.path.join(blessing.uri, ev.NOT_BLESSED_FILE))
+    assert not os.path.exists(os.path.join(blessing.uri, ev.BLESSED_FILE))
+    # The same good model, judged by the Evaluator with thresholds, was blessed.
+    assert first.artifact("Evaluator", "blessing").properties["blessed"] == 1
+
+
+def test_unchanged_pipeline_is_reused_entirely(taxi, first):
+    """The blessed baseline is the cached model itself, which changes no decision: no new version."""
+    second = _run(taxi, GOOD_STEPS, "unjudged")
+    states = {c: second.components[c].state for c in ("Trainer", "Evaluator", "UnjudgedEvaluator", "Pusher")}
+    assert states == dict.fromkeys(states, "CACHED")
+    blessing = second.artifact("Evaluator", "blessing").properties
+    assert blessing["blessed"] == 1 and blessing["model_uri"] == first.artifact("Trainer", "model").uri
+    pushed = second.artifact("Pusher", "pushed_model").properties
+    assert (pushed["pushed"], pushed["pushed_version"]) == (1, 1)
+    assert sorted(os.listdir(taxi["serving"])) == [".push.lock", "1"]  # the Pusher's lock file
 
 
 # -- a model worse than the blessed baseline ------------------------------------------------------------
-def test_model_worse_than_baseline_is_not_blessed_and_not_pushed(models, tmp_path):
-    serving = tmp_path / "serving"
-    baseline = Artifact(MODEL, models["good"], {}, id=7)
-    # The value threshold is met; only the comparison with the baseline fails.
-    config = _config(lower_bounds={"binary_accuracy": 0.0}, max_regression={"binary_accuracy": 0.0, "auc": 0.01})
-    ctx = _run_evaluator(tmp_path, models["bad"], config, baseline=baseline, pusher_dir=str(serving))
+def test_model_worse_than_baseline_is_not_blessed_and_not_pushed(taxi, first, worse):
+    result, _ = worse
+    good = _overall(first.artifact("Evaluator", "evaluation").uri)
+    evaluation = result.artifact("Evaluator", "evaluation").uri
+    weak, baseline = _overall(evaluation, tfma.CANDIDATE_KEY), _overall(evaluation, tfma.BASELINE_KEY)
+    assert baseline == pytest.approx(good)  # the baseline is the first model, evaluated again
+    print(f"weak model, overall: auc {weak['auc']:.4f}, binary_accuracy {weak['binary_accuracy']:.4f}")
+    for name in ("auc", "binary_accuracy"):
+        assert weak[name] < good[name] - 0.1, (name, weak[name], good[name])
 
-    props = _committed(tmp_path, "Evaluator", "blessing")
-    assert props["blessed"] == 0
-    assert props["baseline_model_uri"] == models["good"]
-    report = json.loads(_read(os.path.join(ctx.output_uris["blessing"], ev.VALIDATION_FILE)))
-    overall = [r for r in report["reasons"] if r["slice"] == "Overall"]
-    assert {r["metric"] for r in overall} == {"binary_accuracy", "auc"}
-    accuracy = next(r for r in overall if r["metric"] == "binary_accuracy")
-    assert accuracy["change"] < 0 and accuracy["baseline_value"] > accuracy["value"]
+    blessing = result.artifact("Evaluator", "blessing")
+    assert blessing.properties["blessed"] == 0
+    assert blessing.properties["baseline_model_uri"] == first.artifact("Trainer", "model").uri
+    report = json.loads(_read(os.path.join(blessing.uri, ev.VALIDATION_FILE)))
+    changes = [r for r in report["reasons"] if "change" in r]
+    assert changes and all(r["change"] < 0 for r in changes)
+    assert {r["slice"] for r in changes} - {"Overall"}, "per-hour regressions are named too"
+    assert all(r["slice"].startswith("trip_start_hour:") for r in changes if r["slice"] != "Overall")
+    overall = {r["metric"]: r for r in changes if r["slice"] == "Overall"}
+    assert set(overall) == {"binary_accuracy", "auc"}
+    accuracy = overall["binary_accuracy"]
+    assert accuracy["value"] == pytest.approx(weak["binary_accuracy"])
+    assert accuracy["baseline_value"] == pytest.approx(good["binary_accuracy"])
+    assert accuracy["change"] == pytest.approx(weak["binary_accuracy"] - good["binary_accuracy"])
     assert accuracy["threshold"]["changeThreshold"]["direction"] == "HIGHER_IS_BETTER"
-    text = _read(os.path.join(ctx.output_uris["blessing"], ev.NOT_BLESSED_FILE))
-    assert "binary_accuracy on slice Overall: 0.025 vs baseline 1 (change -0.975); required change >= 0\n" in text
-    assert "trip_start_hour:1" in text
+    text = _read(os.path.join(blessing.uri, ev.NOT_BLESSED_FILE))
+    line = (
+        f"binary_accuracy on slice Overall: {accuracy['value']:.4g} vs baseline {accuracy['baseline_value']:.4g} "
+        f"(change {accuracy['change']:+.4g}); required change >= 0\n"
+    )
+    assert line in text
 
-    pushed = _committed(tmp_path, "Pusher", "pushed_model")
+    pushed = result.artifact("Pusher", "pushed_model").properties
     assert pushed["pushed"] == 0
     assert "not blessed" in pushed["push_message"] and "binary_accuracy" in pushed["push_message"]
-    assert not serving.exists() or not os.listdir(serving)
+    assert sorted(os.listdir(taxi["serving"])) == [".push.lock", "1"]  # the Pusher's lock file
 
 
 # -- value threshold failure on next-day data -------------------------------------------------------------
-def test_next_day_csv_and_value_threshold_failure_names_metric_and_slice(models, tmp_path):
-    csv = tmp_path / "next_day.csv"
-    batch = _batch(90, 9)
-    rows = zip(*(batch.column(i).to_pylist() for i in range(batch.num_columns)), strict=True)
-    with open(csv, "w") as f:
-        f.write("label,extra,trip_start_hour,x\n")  # other column order, one column the model does not use
-        for x, hour, label in rows:
-            f.write(f"{label[0]},zzz,{hour[0]},{x[0] if x else ''}\n")
-    config = _config(lower_bounds={"binary_accuracy": 0.7})
-    ctx = _run_evaluator(tmp_path, models["bad"], config, data_path=str(csv))
+def test_next_day_csv_and_value_threshold_failure_names_metric_and_slice(worse):
+    result, next_day = worse
+    evaluation = result.artifact("NextDayEvaluator", "evaluation")
+    loaded = tfma.load_eval_result(evaluation.uri)
+    assert dict(loaded.slicing_metrics)[()][""][""]["example_count"]["doubleValue"] == NEXT_DAY_ROWS
+    assert evaluation.properties["evaluated_on"] == next_day
+    blessing = result.artifact("NextDayEvaluator", "blessing")
+    assert blessing.properties["blessed"] == 0
+    report = json.loads(_read(os.path.join(blessing.uri, ev.VALIDATION_FILE)))
 
-    evaluation = tfma.load_eval_result(ctx.output_uris["evaluation"])
-    assert dict(evaluation.slicing_metrics)[()][""][""]["example_count"]["doubleValue"] == 90
-    props = _committed(tmp_path, "Evaluator", "blessing")
-    assert props["blessed"] == 0
-    report = json.loads(_read(os.path.join(ctx.output_uris["blessing"], ev.VALIDATION_FILE)))
-    slices = {r["slice"] for r in report["reasons"]}
-    assert slices == {"Overall", "trip_start_hour:0", "trip_start_hour:1", "trip_start_hour:2"}
+    # Every slice below the bound is named, and only those.
+    below = {
+        tfma.slicer.stringify_slice_key(key)
+        for key, metrics in loaded.slicing_metrics
+        if metrics[""][""]["binary_accuracy"]["doubleValue"] < NEXT_DAY_BOUND
+    }
+    assert {r["slice"] for r in report["reasons"]} == below
+    assert "Overall" in below and len(below) > 1
     overall = next(r for r in report["reasons"] if r["slice"] == "Overall")
-    assert overall["metric"] == "binary_accuracy" and overall["value"] < 0.7
-    assert overall["threshold"] == {"valueThreshold": {"lowerBound": 0.7}}
-    assert overall["message"].startswith("binary_accuracy on slice Overall: ")
-    assert overall["message"].endswith("; required >= 0.7")
-    assert _committed(tmp_path, "Evaluator", "evaluation") == {"evaluated_on": str(csv)}
+    print(f"weak model, next day: binary_accuracy {overall['value']:.4f}; {len(below)} slice(s) below the bound")
+    assert overall["metric"] == "binary_accuracy" and overall["value"] < NEXT_DAY_BOUND - 0.1
+    assert overall["threshold"] == {"valueThreshold": {"lowerBound": NEXT_DAY_BOUND}}
+    assert overall["message"] == f"binary_accuracy on slice Overall: {overall['value']:.4g}; required >= 0.8"
+    assert overall["message"] in _read(os.path.join(blessing.uri, ev.NOT_BLESSED_FILE))
 
 
-# -- fast: config, resolve, compile-time checks, serialization ---------------------------------------------
+# -- baseline resolution against the real store -------------------------------------------------------------
+def test_resolve_finds_the_model_of_the_latest_blessing(taxi, first, worse):
+    components = {c.id: c for c in _pipeline(taxi["data"], taxi["serving"], GOOD_STEPS)}
+    evaluator = components["Evaluator"]
+    store = store_at(taxi["root"])
+    # The weak model's blessing is newer but not blessed: the baseline is still the first model.
+    [baseline] = evaluator.resolve(store, "taxi").values()
+    expected = first.artifact("Trainer", "model")
+    assert (baseline.type.name, baseline.uri, baseline.id) == (MODEL.name, expected.uri, expected.id)
+    assert evaluator.resolve(store, "another_pipeline") == {}
+    value_only = ev.Evaluator(
+        examples=components["ExampleGen"].outputs.examples,
+        model=components["Trainer"].outputs.model,
+        eval_config=NEXT_DAY_CONFIG,
+    )
+    assert value_only.resolve(store, "taxi") == {}  # no change thresholds: no baseline needed
+
+
+class _OrphanStore:
+    """A store whose latest blessing names a model it does not list (a corrupted or pruned store)."""
+
+    def latest_artifacts(self, type_name, pipeline_name, properties=None):
+        if type_name == MODEL_BLESSING.name:
+            return [Artifact(MODEL_BLESSING, "/b/1", {"blessed": 1, "model_uri": "/gone"}, id=1)]
+        return []
+
+
+def test_resolve_rejects_a_blessing_of_an_unknown_model():
+    evaluator = _pipeline(TAXI_CSV, "/serving", GOOD_STEPS)[-2]
+    with pytest.raises(MetadataError, match="/gone"):
+        evaluator.resolve(_OrphanStore(), "p")
+
+
+# -- compile-time checks, in a real pipeline ------------------------------------------------------------
+def _compile_with(taxi, **evaluator_params):
+    components = taxi_trainer_components(taxi["data"], train_steps=GOOD_STEPS)
+    gen, trainer = components[0], components[-1]
+    evaluator = ev.Evaluator(
+        examples=gen.outputs.examples, model=trainer.outputs.model, eval_config=BLESS_CONFIG, **evaluator_params
+    )
+    return run_components(taxi["root"], [*components, evaluator], name="taxi")
+
+
+def test_unknown_example_split_fails_before_anything_runs(taxi, first):
+    with pytest.raises(PipelineDefinitionError, match="'test' is not one of the splits"):
+        _compile_with(taxi, example_split="test")
+
+
+def test_next_day_data_must_have_the_training_columns(taxi, first, tmp_path):
+    data = taxi_sample(str(tmp_path / "no_hour.csv"), 50, drop_columns=("trip_start_hour",))
+    with pytest.raises(InputDataError, match=r"no_hour\.csv: missing columns \['trip_start_hour'\]"):
+        _compile_with(taxi, data_path=data)
+    with pytest.raises(InputDataError, match="matches no file"):
+        _compile_with(taxi, data_path=str(tmp_path / "absent*.csv"))
+
+
+# -- config parsing and threshold helpers (no model needed) -------------------------------------------------
+def _channels():
+    components = taxi_trainer_components(TAXI_CSV)
+    return components[0].outputs.examples, components[-1].outputs.model
+
+
 def test_eval_config_is_accepted_as_proto_json_or_dict():
     config = _config(lower_bounds={"auc": 0.5})
     assert ev.parse_eval_config(json_format.MessageToJson(config)) == config
-    src = _channels()
-    a = ev.Evaluator(examples=src.outputs.examples, model=src.outputs.model, eval_config=config)
-    b = ev.Evaluator(examples=src.outputs.examples, model=src.outputs.model, eval_config=a.params["eval_config"])
+    examples, model = _channels()
+    a = ev.Evaluator(examples=examples, model=model, eval_config=config)
+    b = ev.Evaluator(examples=examples, model=model, eval_config=a.params["eval_config"])
     assert a.eval_config == b.eval_config
     assert a.eval_config.model_specs[0].model_type == tfma.TF_GENERIC
+    assert a.has_value_thresholds and not a.has_change_thresholds
     json.dumps(a.exec_properties())
 
 
@@ -330,9 +346,9 @@ def test_eval_config_is_accepted_as_proto_json_or_dict():
     ],
 )
 def test_bad_eval_config_is_rejected(config, message):
-    src = _channels()
+    examples, model = _channels()
     with pytest.raises(PipelineDefinitionError, match=message):
-        ev.Evaluator(examples=src.outputs.examples, model=src.outputs.model, eval_config=config)
+        ev.Evaluator(examples=examples, model=model, eval_config=config)
 
 
 def test_threshold_helper_rejects_unknown_metrics_and_directions():
@@ -349,155 +365,22 @@ def test_threshold_helper_rejects_unknown_metrics_and_directions():
     assert loss.threshold.change_threshold.absolute.value == pytest.approx(0.05)
 
 
-class _FakeStore:
-    def __init__(self, artifacts: list[Artifact]):
-        self.artifacts = artifacts
-        self.queries: list[tuple] = []
-
-    def latest_artifacts(self, type_name, pipeline_name, properties=None):
-        self.queries.append((type_name, pipeline_name, properties))
-        found = [
-            a
-            for a in self.artifacts
-            if a.type.name == type_name and all(a.properties.get(k) == v for k, v in (properties or {}).items())
-        ]
-        return sorted(found, key=lambda a: a.id, reverse=True)
-
-
-def test_resolve_finds_the_model_of_the_latest_blessing():
-    src = _channels()
-    evaluator = ev.Evaluator(
-        examples=src.outputs.examples, model=src.outputs.model, eval_config=_config(max_regression={"auc": 0.0})
-    )
-    blessing = {"producer_component": "Evaluator"}
-    store = _FakeStore(
-        [
-            Artifact(MODEL, "/m/1", {}, id=1),
-            Artifact(MODEL, "/m/2", {}, id=2),
-            Artifact(MODEL, "/m/3", {}, id=3),
-            Artifact(MODEL_BLESSING, "/b/1", {**blessing, "blessed": 1, "model_uri": "/m/1"}, id=4),
-            Artifact(MODEL_BLESSING, "/b/2", {**blessing, "blessed": 1, "model_uri": "/m/2"}, id=5),
-            Artifact(MODEL_BLESSING, "/b/3", {**blessing, "blessed": 0, "model_uri": "/m/3"}, id=6),
-            Artifact(MODEL_BLESSING, "/b/x", {"producer_component": "Other", "blessed": 1, "model_uri": "/m/3"}, id=7),
-        ]
-    )
-    no_baseline = evaluator.external_fingerprint()
-    assert evaluator.resolve(store, "p") == {"baseline_model": Artifact(MODEL, "/m/2", {}, id=2)}
-    assert evaluator.external_fingerprint() != no_baseline  # a new baseline means a new evaluation
-    assert (
-        ev.Evaluator(examples=src.outputs.examples, model=src.outputs.model, eval_config=_config()).resolve(
-            _FakeStore([]), "p"
-        )
-        == {}
-    )
-    assert evaluator.resolve(_FakeStore([]), "p") == {}
-    orphan = _FakeStore([Artifact(MODEL_BLESSING, "/b/1", {**blessing, "blessed": 1, "model_uri": "/gone"}, id=1)])
-    with pytest.raises(MetadataError, match="/gone"):
-        evaluator.resolve(orphan, "p")
-
-
-def test_static_outputs_checks_split_and_next_day_columns(tmp_path):
-    src = _channels()
-    static = {"examples": {"arrow_schema": ARROW_SCHEMA, "splits": ["train", "eval"]}}
-    evaluator = ev.Evaluator(
-        examples=src.outputs.examples, model=src.outputs.model, eval_config=_config(), example_split="test"
-    )
-    with pytest.raises(PipelineDefinitionError, match="'test' is not one of the splits"):
-        evaluator.static_outputs(static)
-    csv = tmp_path / "d.csv"
-    csv.write_text("x,label\n1.0,1\n")
-    evaluator = ev.Evaluator(
-        examples=src.outputs.examples, model=src.outputs.model, eval_config=_config(), data_path=str(csv)
-    )
-    with pytest.raises(InputDataError, match=r"missing columns \['trip_start_hour'\]"):
-        evaluator.static_outputs(static)
-    assert evaluator.external_fingerprint()
-    missing = ev.Evaluator(
-        examples=src.outputs.examples,
-        model=src.outputs.model,
-        eval_config=_config(),
-        data_path=str(tmp_path / "no*.csv"),
-    )
-    with pytest.raises(InputDataError, match="matches no file"):
-        missing.static_outputs(static)
-
-
 def test_serialized_examples_leave_missing_values_absent():
-    batch = _batch(3, 0)  # row 0 has an empty x
+    batch = pa.RecordBatch.from_arrays(
+        [
+            pa.array([[], [1.5], None], pa.large_list(pa.float32())),  # row 0: an empty list, row 2: null
+            pa.array([[0], [1], [1]], pa.large_list(pa.int64())),
+        ],
+        names=["x", "label"],
+    )
     fn = ev._AddSerializedExamples()
     fn.setup()
     [out] = list(fn.process(batch))
     assert out.schema.names == [*batch.schema.names, tfma.ARROW_INPUT_COLUMN]
     raw = out.column(out.schema.names.index(tfma.ARROW_INPUT_COLUMN)).to_pylist()
-    first, second = (tf.train.Example.FromString(r[0]) for r in raw[:2])
+    first, second, third = (tf.train.Example.FromString(r[0]) for r in raw)
     # A feature without a value list: parse_example treats it as missing and applies the default.
     assert first.features.feature["x"].WhichOneof("kind") is None
+    assert third.features.feature["x"].WhichOneof("kind") is None
     assert first.features.feature["label"].int64_list.value == [0]
-    assert second.features.feature["x"].float_list.value[0] == pytest.approx(batch.column(0)[1].as_py()[0])
-
-
-# -- end to end ----------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_taxi_pipeline_blesses_pushes_then_reuses_everything_when_unchanged(tmp_path, taxi_small_csv):
-    from transforms.example_gen import ExampleGen
-    from transforms.schema_gen import SchemaGen
-    from transforms.statistics_gen import StatisticsGen
-    from transforms.trainer import Trainer
-    from transforms.transform import Transform
-
-    module = str(tmp_path / "taxi_utils.py")  # a copy: an edit between the two runs would retrain
-    shutil.copy(os.path.join(ROOT, "examples", "chicago_taxi", "taxi_utils.py"), module)
-    serving = tmp_path / "serving"
-    config = ev.binary_classification_eval_config(
-        "tips_xf",  # taxi_utils.LABEL_KEY, the transformed label
-        slice_features=["trip_start_hour"],
-        lower_bounds={"binary_accuracy": 0.5},
-        max_regression={"auc": 0.0},
-    )
-
-    def components() -> list[Component]:
-        """A fresh pipeline definition (a PTransform is bound to the Beam graph it was applied to)."""
-        gen = ExampleGen(input_base=taxi_small_csv)
-        stats = StatisticsGen(examples=gen.outputs.examples)
-        schema = SchemaGen(statistics=stats.outputs.statistics)
-        transform = Transform(examples=gen.outputs.examples, schema=schema.outputs.schema, module_file=module)
-        trainer = Trainer(
-            examples=transform.outputs.transformed_examples,
-            transform_graph=transform.outputs.transform_graph,
-            module_file=module,
-            train_steps=30,
-            eval_steps=5,
-        )
-        evaluator = ev.Evaluator(examples=gen.outputs.examples, model=trainer.outputs.model, eval_config=config)
-        pusher = Pusher(
-            model=trainer.outputs.model, blessing=evaluator.outputs.blessing, serving_model_dir=str(serving)
-        )
-        return [gen, stats, schema, transform, trainer, evaluator, pusher]
-
-    first = run_components(tmp_path / "root", components(), name="taxi")
-    model = first.artifact("Trainer", "model")
-    blessing = first.artifact("Evaluator", "blessing")
-    assert blessing.properties["blessed"] == 1, blessing.properties["blessing_message"]
-    assert blessing.properties["model_uri"] == model.uri
-    evaluation = tfma.load_eval_result(first.artifact("Evaluator", "evaluation").uri)
-    overall = dict(evaluation.slicing_metrics)[()][""][""]
-    assert (
-        overall["example_count"]["doubleValue"]
-        == first.artifact("ExampleGen", "examples").properties["row_counts"]["eval"]
-    )
-    assert len(evaluation.slicing_metrics) > 10  # overall + one slice per trip_start_hour seen
-    pushed = first.artifact("Pusher", "pushed_model").properties
-    assert (pushed["pushed"], pushed["pushed_version"]) == (1, 1)
-    assert os.path.exists(os.path.join(pushed["pushed_destination"], "saved_model.pb"))
-
-    # Second run: the blessed baseline is the cached model itself, which changes no decision, so the
-    # evaluation and the push are reused too; no new version.
-    second = run_components(tmp_path / "root", components(), name="taxi")
-    assert {c: second.components[c].state for c in ("Trainer", "Evaluator", "Pusher")} == dict.fromkeys(
-        ("Trainer", "Evaluator", "Pusher"), "CACHED"
-    )
-    blessing = second.artifact("Evaluator", "blessing").properties
-    assert blessing["blessed"] == 1 and blessing["model_uri"] == model.uri
-    pushed = second.artifact("Pusher", "pushed_model").properties
-    assert (pushed["pushed"], pushed["pushed_version"]) == (1, 1)
-    assert os.listdir(serving) == ["1"]
+    assert second.features.feature["x"].float_list.value[0] == pytest.approx(1.5)
