@@ -267,6 +267,14 @@ def test_resolve_finds_the_model_of_the_latest_blessing(taxi, first, worse):
     expected = first.artifact("Trainer", "model")
     assert (baseline.type.name, baseline.uri, baseline.id) == (MODEL.name, expected.uri, expected.id)
     assert evaluator.resolve(store, "another_pipeline") == {}
+    # Only this Evaluator's own blessings count: UnjudgedEvaluator never blessed anything.
+    other = ev.Evaluator(
+        examples=components["ExampleGen"].outputs.examples,
+        model=components["Trainer"].outputs.model,
+        eval_config=BLESS_CONFIG,
+        component_id="UnjudgedEvaluator",
+    )
+    assert other.resolve(store, "taxi") == {}
     value_only = ev.Evaluator(
         examples=components["ExampleGen"].outputs.examples,
         model=components["Trainer"].outputs.model,
