@@ -29,6 +29,18 @@ def _local_copy(module_file: str) -> str:
     return local
 
 
+def _pickle_by_value(module: types.ModuleType) -> None:
+    """Ship the module's functions inside the pipeline, not as references to a module name.
+
+    The module is registered under a name of our own, which an SDK worker on another process or
+    machine cannot import; anything of it that a DoFn holds (a preprocessing_fn, a run_fn) must
+    travel by value.
+    """
+    from apache_beam.internal.cloudpickle import cloudpickle as beam_cloudpickle
+
+    beam_cloudpickle.register_pickle_by_value(module)
+
+
 def load_module(module_file: str, required: Sequence[str], component: str) -> types.ModuleType:
     """Import `module_file` and check it defines callables named in `required`.
 
@@ -53,9 +65,10 @@ def load_module(module_file: str, required: Sequence[str], component: str) -> ty
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as e:
+        except Exception as e:  # any error of the user's import is reported as theirs, with its type
             del sys.modules[name]
             raise UserModuleError(f"{component}: importing {module_file} raised {type(e).__name__}: {e}") from e
+        _pickle_by_value(module)
     for fn_name in required:
         if not callable(getattr(module, fn_name, None)):
             raise UserModuleError(f"{component}: {module_file} does not define a function {fn_name}()")
