@@ -336,11 +336,6 @@ def test_the_worse_model_finishing_last_is_never_pushed(race):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs Evaluator.resolve to skip blessings whose push was refused (PushedModel push_refused=1, "
-    "blessing_uri): today the refused blessing stays the newest, so reruns never judge against the served model",
-)
 def test_a_rerun_of_the_refused_pipeline_judges_against_the_served_model(race):
     store, models = race["store"], race["models"]
     rerun = _Launch(race["files"]["worse"], race["env"], race["base"] / "worse_rerun.log")

@@ -31,7 +31,7 @@ from tensorflow_model_analysis.proto import metrics_for_slice_pb2, validation_re
 from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
 
 from beam_pipeline import artifact_io, caching
-from beam_pipeline.artifacts import EXAMPLES, MODEL, MODEL_BLESSING, MODEL_EVALUATION, Artifact
+from beam_pipeline.artifacts import EXAMPLES, MODEL, MODEL_BLESSING, MODEL_EVALUATION, PUSHED_MODEL, Artifact
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import InputDataError, MetadataError, PipelineDefinitionError
 from transforms import _example_io as io_
@@ -226,12 +226,19 @@ class Evaluator(Component):
         return {name: {} for name in self.OUTPUTS}
 
     def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
-        """The baseline: the model of this Evaluator's latest blessing (only needed for change thresholds)."""
+        """The baseline: the model of this Evaluator's latest blessing whose push was not refused (only
+        needed for change thresholds). A blessing that lost a push race to a better model is no baseline:
+        the served model is."""
         if not self.has_change_thresholds:
             return {}
         blessings = store.latest_artifacts(
             MODEL_BLESSING.name, pipeline_name, {"blessed": 1, "producer_component": self.id}
         )
+        refused = {
+            p.properties.get("blessing_uri")
+            for p in store.latest_artifacts(PUSHED_MODEL.name, pipeline_name, {"push_refused": 1})
+        }
+        blessings = [b for b in blessings if b.uri not in refused]
         if not blessings:
             return {}
         model_uri = blessings[0].properties.get("model_uri")
