@@ -186,8 +186,15 @@ class MetadataStore:
     def _open(self, config: mlmd_pb2.ConnectionConfig) -> metadata_store.MetadataStore:
         # Two processes opening an empty MySQL database race to create its tables; MLMD (or MySQL,
         # with a deadlock) asks to retry.
+        def connect() -> metadata_store.MetadataStore:
+            try:
+                return metadata_store.MetadataStore(config)
+            except RuntimeError as e:  # how MLMD's constructor reports every backend's errors
+                transient = any(t in str(e) for t in _TRANSIENT_TEXT)
+                raise (mlmd_errors.AbortedError if transient else mlmd_errors.InternalError)(str(e)) from e
+
         try:
-            return _retrying("opening", self.uri, lambda: metadata_store.MetadataStore(config), attempts=6)
+            return _retrying("opening", self.uri, connect, attempts=6)
         except MetadataError as e:
             raise MetadataError(f"cannot open ML Metadata store {self.uri}: {e.__cause__}") from e.__cause__
 

@@ -313,6 +313,9 @@ def _openapi(table: list[_RouteSpec]) -> dict[str, Any]:
     }
 
 
+KEEP_ALIVE_S = 75
+
+
 def create_app(model_base_path: str, model_name: str, **options: Any) -> Starlette:
     """The ASGI app serving `model_base_path/<version>/` as `model_name`; `options` are ServerConfig fields.
 
@@ -393,4 +396,8 @@ def serve(
         log_level=log_level,
         access_log=False,
         proxy_headers=False,  # nothing here reads the client address that X-Forwarded-For would rewrite
+        # uvicorn's 5 s default closes idle keep-alive connections; when loading a new version holds
+        # the GIL for seconds, the close can race a request a client already sent on that connection,
+        # which then fails. Clients' pools idle out well before this.
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
