@@ -100,20 +100,26 @@ def _hold_running(held, process):
     )
 
 
-def _rerun_completes(held, tmp_path):
-    (held["flags"] / "release").touch()
+def _run_to_completion(pipeline_file: str, tmp_path, root, pipeline_name: str):
+    """Run the CLI to its end (it must succeed); the store and its newest run's states by component."""
     rerun = subprocess.run(
-        [sys.executable, "-m", "beam_pipeline", "run", held["file"]],
+        [sys.executable, "-m", "beam_pipeline", "run", pipeline_file],
         cwd=str(tmp_path),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1500,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1"},
     )
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    store = store_at(held["root"])
-    [run_id] = queries.runs(store, "held")["run_id"][:1]
-    states = {row.component_id: row.state for row in queries.run_executions(store, "held", run_id).itertuples()}
+    store = store_at(root)
+    [run_id] = queries.runs(store, pipeline_name)["run_id"][:1]
+    executions = queries.run_executions(store, pipeline_name, run_id)
+    return store, {row.component_id: row.state for row in executions.itertuples()}
+
+
+def _rerun_completes(held, tmp_path):
+    (held["flags"] / "release").touch()
+    store, states = _run_to_completion(held["file"], tmp_path, held["root"], "held")
     assert states == {"ExampleGen": "CACHED", "StatisticsGen": "CACHED", "Hold": "COMPLETE"}
     return store
 
@@ -339,18 +345,7 @@ def test_killing_the_taxi_launcher_while_the_trainer_runs_then_rerunning(tmp_pat
     committed = {a.id: a.uri for a in store.get_artifacts(a.id for a in store.mlmd.get_artifacts())}
     assert model_dir not in committed.values()  # nothing half-written was ever published
     release.touch()
-    rerun = subprocess.run(
-        [sys.executable, "-m", "beam_pipeline", "run", str(pipeline_file)],
-        cwd=str(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1"},
-    )
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    store = store_at(root)
-    [run_id] = queries.runs(store, "chicago_taxi")["run_id"][:1]
-    states = {row.component_id: row.state for row in queries.run_executions(store, "chicago_taxi", run_id).itertuples()}
+    store, states = _run_to_completion(str(pipeline_file), tmp_path, root, "chicago_taxi")
     reused = {c for c, s in states.items() if s == "CACHED"}
     assert reused >= {"ExampleGen", "StatisticsGen", "SchemaGen", "Transform"}, states
     assert states["Trainer"] == "COMPLETE" and states["Pusher"] == "COMPLETE", states

@@ -175,10 +175,8 @@ def _wait_until(condition, what: str) -> None:
     raise AssertionError(f"timed out waiting until {what}")
 
 
-@pytest.mark.parametrize("enable_batching", [True, False])
-def test_concurrent_http_requests_are_merged_into_one_model_call(client_factory, enable_batching):
-    client = client_factory(enable_batching=enable_batching, max_batch_size=16, batch_timeout_ms=0)
-    server = client.app.state.server
+def _gate_first_model_call(server):
+    """The served model, with its first call held until `gate` is set; `inside` says it was reached."""
     with server.manager.acquire() as servable:
         pass
     gate, inside = threading.Event(), threading.Event()
@@ -191,6 +189,14 @@ def test_concurrent_http_requests_are_merged_into_one_model_call(client_factory,
         return run(signature, inputs)
 
     servable.run = gated_run
+    return servable, gate, inside
+
+
+@pytest.mark.parametrize("enable_batching", [True, False])
+def test_concurrent_http_requests_are_merged_into_one_model_call(client_factory, enable_batching):
+    client = client_factory(enable_batching=enable_batching, max_batch_size=16, batch_timeout_ms=0)
+    server = client.app.state.server
+    servable, gate, inside = _gate_first_model_call(server)
     rows = [{"trip_miles": float(i), "trip_seconds": 60 * i, "payment_type": "Cash"} for i in range(7)]
     results: dict[int, float] = {}
 
@@ -218,18 +224,7 @@ def test_one_bad_request_in_a_batch_fails_alone_without_serializing_the_others(c
     rejected (400) while the model is still busy, before it can join any batch."""
     client = client_factory(max_batch_size=64, batch_timeout_ms=0)
     server = client.app.state.server
-    with server.manager.acquire() as servable:
-        pass
-    gate, inside = threading.Event(), threading.Event()
-    run = servable.run
-
-    def gated_run(signature, inputs):  # holds the first model call until the other requests are queued
-        if not inside.is_set():
-            inside.set()
-            gate.wait(120)
-        return run(signature, inputs)
-
-    servable.run = gated_run
+    servable, gate, inside = _gate_first_model_call(server)
     n, model_bad, decode_bad = 24, 7, 13
     rows = [
         {"trip_miles": float(i), "trip_seconds": 60 * i, "payment_type": "Cash" if i % 3 else "Card"} for i in range(n)
