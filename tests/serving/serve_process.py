@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,8 +12,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import httpx
-
-from beam_pipeline.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXIT_TIMEOUT_S = 60
@@ -55,15 +54,17 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def serve_process(
-    base_path: str, log_path: str | os.PathLike, *flags: str, ignore_sigint: bool = False
-) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`beam-pipeline serve` on a free port in a new session; yields (process, model URL).
+    base_path: str, log_path: str | os.PathLike, *flags: str, ignore_sigint: bool = False, wait_for_port: bool = True
+) -> Iterator[tuple[subprocess.Popen, str | None]]:
+    """`beam-pipeline serve` on a port the OS picks, in a new session; yields (process, model URL).
 
+    The server binds port 0 itself and the URL is read from its startup line, so no other process
+    (another test suite on a busy machine) can take the port between choosing and binding it. With
+    `wait_for_port=False` it yields at once, URL None (for tests that act during startup).
     Whatever happens in the body, the process group is SIGKILLed on the way out (a no-op if it exited).
     """
-    port = free_port()
     cmd = [sys.executable, "-m", "beam_pipeline", "serve", "--model_base_path", base_path, "--model_name", "taxi"]
-    cmd += ["--port", str(port), *flags]
+    cmd += ["--port", "0", *flags]
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -76,9 +77,31 @@ def serve_process(
             preexec_fn=_ignore_sigint if ignore_sigint else None,
         )
     try:
-        yield proc, f"http://127.0.0.1:{port}/v1/models/taxi"
+        url = None
+        if wait_for_port:
+            port = _bound_port(proc, log_path)
+            url = f"http://127.0.0.1:{port}/v1/models/taxi"
+        yield proc, url
     finally:
         kill_group(proc)
+
+
+_RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+
+def _bound_port(proc: subprocess.Popen, log_path: str | os.PathLike) -> int:
+    """The port uvicorn says it bound, read from the server's log once it says so."""
+    found: list[int] = []
+
+    def bound() -> bool:
+        with open(log_path) as f:
+            match = _RUNNING.search(f.read())
+        if match:
+            found.append(int(match.group(1)))
+        return bool(found)
+
+    wait_for(bound, "the server says which port it bound", proc)
+    return found[0]
 
 
 def stop(proc: subprocess.Popen, sig: int, log_path: str | os.PathLike) -> int:

@@ -38,7 +38,10 @@ def test_serving_server_stops_on_signal_although_sigint_was_ignored(base_path, t
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_startup_stops_the_server(base_path, tmp_path, sig):
     log_path = tmp_path / "server.log"
-    with serve_process(base_path, log_path, "--poll_interval_s", "0", ignore_sigint=True) as (proc, _url):
+    with serve_process(base_path, log_path, "--poll_interval_s", "0", ignore_sigint=True, wait_for_port=False) as (
+        proc,
+        _url,
+    ):
         # Once the command has installed its handlers (before TensorFlow is even imported) a signal counts.
         wait_for(lambda: catches(proc.pid, signal.SIGINT), "serve handles SIGINT", proc)
         returncode = stop(proc, sig, log_path)
