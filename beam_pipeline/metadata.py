@@ -60,15 +60,16 @@ def connection_config(uri: str) -> mlmd_pb2.ConnectionConfig:
         parsed = urllib.parse.urlparse(uri)
         if not parsed.hostname or not parsed.path.strip("/"):
             raise MetadataError(f"MySQL metadata URI {uri!r} needs a host and a database: mysql://user:pw@host:3306/db")
-        config.mysql.host = parsed.hostname
-        config.mysql.port = parsed.port or 3306
         config.mysql.database = parsed.path.strip("/")
         config.mysql.user = urllib.parse.unquote(parsed.username or "root")
         if parsed.password:
             config.mysql.password = urllib.parse.unquote(parsed.password)
         query = urllib.parse.parse_qs(parsed.query)
-        if "socket" in query:
+        if "socket" in query:  # MLMD takes a socket or a host, never both (it aborts the process otherwise)
             config.mysql.socket = query["socket"][0]
+        else:
+            config.mysql.host = parsed.hostname
+            config.mysql.port = parsed.port or 3306
         return config
     path = uri[len("sqlite://") :] if uri.startswith("sqlite://") else uri
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

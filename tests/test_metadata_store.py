@@ -97,3 +97,12 @@ def test_opening_retries_the_empty_database_race_and_reports_other_errors(tmp_pa
     monkeypatch.setattr(metadata_store, "MetadataStore", lambda config: (_ for _ in ()).throw(RuntimeError("bad")))
     with pytest.raises(MetadataError, match=r"cannot open ML Metadata store .*m2\.sqlite: bad"):
         MetadataStore(str(tmp_path / "m2.sqlite"))
+
+
+def test_a_mysql_uri_takes_a_socket_or_a_host_never_both():
+    """MLMD aborts the whole process when given both, so the URI parser must choose."""
+    by_socket = metadata.connection_config("mysql://root@localhost/mlmd?socket=/run/mysqld/mysqld.sock")
+    assert by_socket.mysql.socket == "/run/mysqld/mysqld.sock" and not by_socket.mysql.host
+    by_host = metadata.connection_config("mysql://u:p%40ss@db.example:3307/mlmd")
+    assert (by_host.mysql.host, by_host.mysql.port, by_host.mysql.password) == ("db.example", 3307, "p@ss")
+    assert not by_host.mysql.socket

@@ -23,7 +23,6 @@ from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
 from beam_pipeline import queries, report
 from beam_pipeline.metadata import MetadataStore
-from beam_pipeline.ports import free_port
 from tests import _fixtures_metadata as fm
 from tests.helpers import require
 
@@ -32,9 +31,11 @@ INSTALL_DB = shutil.which("mariadb-install-db") or shutil.which("mysql_install_d
 STARTUP_ATTEMPTS = 120  # polls of 0.5 s for the server to accept connections
 
 
-def _accepts(port: int) -> bool:
+def _accepts(sock: str) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1)
+            s.connect(sock)
             return True
     except OSError:
         return False
@@ -42,7 +43,8 @@ def _accepts(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def mariadb(tmp_path_factory):
-    """A private MariaDB on 127.0.0.1:<free port>; yields the port and stops the server afterwards."""
+    """A private MariaDB on a Unix socket in a temp dir (no TCP port another suite could take);
+    yields the socket's path and stops the server afterwards."""
     if MARIADBD is None or INSTALL_DB is None:
         require(False, "MariaDB server not installed (apt-get install mariadb-server)")
     base = tmp_path_factory.mktemp("mariadb")
@@ -55,21 +57,21 @@ def mariadb(tmp_path_factory):
     )  # fmt: skip
     if install.returncode != 0:
         require(False, f"mariadb-install-db failed: {install.stderr[-500:]}")
-    port = free_port()
+    sock = str(base / "mysqld.sock")
     server = subprocess.Popen(
-        [MARIADBD, "--no-defaults", f"--datadir={datadir}", f"--socket={base / 'mysqld.sock'}", f"--port={port}",
-         "--bind-address=127.0.0.1", "--skip-grant-tables", "--skip-name-resolve", f"--log-error={log}",
+        [MARIADBD, "--no-defaults", f"--datadir={datadir}", f"--socket={sock}", "--skip-networking",
+         "--skip-grant-tables", "--skip-name-resolve", f"--log-error={log}",
          f"--pid-file={base / 'mysqld.pid'}", *as_root],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         for _ in range(STARTUP_ATTEMPTS):
-            if server.poll() is not None or _accepts(port):
+            if server.poll() is not None or _accepts(sock):
                 break
             time.sleep(0.5)
-        if server.poll() is not None or not _accepts(port):
+        if server.poll() is not None or not _accepts(sock):
             require(False, f"MariaDB did not start: {log.read_text()[-800:] if log.exists() else 'no log'}")
-        yield port
+        yield sock
     finally:
         server.terminate()
         try:
@@ -81,7 +83,7 @@ def mariadb(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_concurrent_runs_share_one_mysql_store(mariadb, tmp_path):
-    uri = f"mysql://root@127.0.0.1:{mariadb}/beam_pipeline_concurrent"
+    uri = f"mysql://root@localhost/beam_pipeline_concurrent?socket={mariadb}"
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "BEAM_PIPELINE_METADATA_URI": uri}
     runs = []
     for i, skip in enumerate((0, 6000)):
@@ -257,7 +259,7 @@ def race(mariadb, tmp_path_factory) -> dict:
     both judge against it. The worse run is held in its Trainer until the better run has pushed and exited,
     so the worse one finishes last."""
     base = tmp_path_factory.mktemp("race")
-    uri = f"mysql://root@127.0.0.1:{mariadb}/beam_pipeline_race"
+    uri = f"mysql://root@localhost/beam_pipeline_race?socket={mariadb}"
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "BEAM_PIPELINE_METADATA_URI": uri}
     fm.sample_csv(str(base / "data.csv"), rows=600)
     started, go = base / "worse_started", base / "go"
