@@ -32,6 +32,7 @@ BACKGROUND = "#ffffff"
 FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
 _SWEEPS = 12
 
+
 @dataclasses.dataclass(frozen=True)
 class Node:
     """One box: a bold title, smaller lines under it, a fill colour; `note` draws an artifact's folded corner."""
