@@ -36,6 +36,12 @@ def _serve_command(base_path: str, log_path, *flags: str):
             assert returncode == 0, log.read()
 
 
+def _state(response: httpx.Response) -> str | None:
+    if response.status_code != 200:
+        return None
+    return response.json()["model_version_status"][0]["state"]
+
+
 def test_serve_command(base_path, push, tmp_path):
     flags = ["--poll_interval_s", "0.2", "--model_version_labels", "stable=1"]
     with _serve_command(base_path, tmp_path / "server.log", *flags) as (proc, url), httpx.Client(timeout=30) as client:
@@ -44,7 +50,8 @@ def test_serve_command(base_path, push, tmp_path):
         assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V1_BIAS), rel=1e-6)
 
         push(base_path, 2)
-        wait_for(lambda: client.get(f"{url}/versions/2").status_code == 200, "version 2 is loaded", proc)
+        # The status lists version 2 while it loads (LOADING), as TF Serving does: wait for AVAILABLE.
+        wait_for(lambda: _state(client.get(f"{url}/versions/2")) == "AVAILABLE", "version 2 is loaded", proc)
         r = client.post(f"{url}:predict", json={"instances": [ROW]})
         assert r.json()["predictions"][0][0] == pytest.approx(expected_score(2.0, "Cash", V2_BIAS), rel=1e-6)
         r = client.post(f"{url}/labels/stable:predict", json={"instances": [ROW]})
