@@ -39,12 +39,18 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_text_atomic(path: str, text: str) -> None:
+    """`write_bytes_atomic` of the text's UTF-8 bytes."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write under a temporary name, then rename: a reader sees the whole file or none.
 
     Local renames are atomic; object stores copy whole objects, so the final name never holds a part.
     """
     temp = f"{path}.tmp-{uuid.uuid4().hex}"
-    write_text(temp, text)
+    with FileSystems.create(temp) as f:
+        f.write(data)
     try:
         FileSystems.rename([temp], [path])
     finally:

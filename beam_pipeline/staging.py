@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -34,10 +33,7 @@ def stage(pipeline_root: str, path: str) -> str:
     digest = hashlib.sha256(content).hexdigest()[:32]
     target = artifact_io.join(pipeline_root, STAGING_DIR, digest, posixpath.basename(path.replace("\\", "/")))
     if not FileSystems.exists(target):
-        temp = f"{target}.tmp-{uuid.uuid4().hex}"
-        with FileSystems.create(temp) as f:
-            f.write(content)
-        FileSystems.rename([temp], [target])  # whole or absent: a worker may read it at once
+        artifact_io.write_bytes_atomic(target, content)  # whole or absent: a worker may read it at once
     return target
 
 
