@@ -10,7 +10,9 @@ setup(
     packages=find_packages(include=["beam_pipeline", "beam_pipeline.*", "transforms", "runners"]),
     package_data={"beam_pipeline": ["templates/*.html.j2"]},
     install_requires=[
-        "apache-beam[gcp]>=2.72,<2.73",
+        "apache-beam[gcp,aws]>=2.72,<2.73",
+        # TensorFlow 2.16 reaches s3:// only through tensorflow-io's filesystem (beam_pipeline/remote_fs.py)
+        "tensorflow-io==0.37.1",
         "dill",  # tfx-bsl 1.16 imports it; newer Beam no longer pulls it in
         "tensorflow>=2.16,<2.17",
         "tf-keras>=2.16,<2.17",
@@ -33,6 +35,6 @@ setup(
         "httptools",
         "orjson",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "ruff", "hypothesis", "httpx", "httpx2"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "ruff", "hypothesis", "httpx", "httpx2", "moto[server]"]},
     entry_points={"console_scripts": ["beam-pipeline=beam_pipeline.cli:main"]},
 )

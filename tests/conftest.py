@@ -41,3 +41,39 @@ def model_store(tmp_path_factory) -> dict:
     from tests import _fixtures_metadata
 
     return _fixtures_metadata.shared_model_store(str(tmp_path_factory.mktemp("model_store")))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback, its endpoint and credentials exported to this process and its children."""
+    from tests import _s3
+    from tests.helpers import require
+
+    try:
+        import boto3  # noqa: F401
+        import moto  # noqa: F401
+    except ImportError as e:
+        require(False, f"the S3 tests need moto[server] and boto3 ({e})")
+    yield from _s3.serve()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh bucket on the loopback S3 server: 's3://<name>'."""
+    return s3_server.new_bucket()
+
+
+_exit_status = [0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status[0] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    # tensorflow-io's S3 filesystem aborts the process at exit (remote_fs.exit_now): keep pytest's status.
+    from beam_pipeline import remote_fs
+
+    if remote_fs.used_s3():
+        remote_fs.exit_now(_exit_status[0])
