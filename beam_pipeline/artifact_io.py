@@ -15,8 +15,10 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
+from beam_pipeline import fingerprints, remote_fs
 from beam_pipeline.artifacts import ANOMALIES, COMMIT_MARKER, EXAMPLES, SCHEMA, STATISTICS, Artifact, ArtifactType
 
 STATS_FILE = "FeatureStats.pb"
@@ -70,8 +72,8 @@ def read_marker(uri: str) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) and "properties" in marker else None
 
 
-def _files(uri: str) -> list[Any]:
-    """Metadata of every payload file under `uri`: the marker and temp files excluded."""
+def payload_files(uri: str) -> list[FileMetadata]:
+    """Listing metadata of every payload file under `uri`, by path: the marker and temp files excluded."""
     matches = FileSystems.match([join(uri, "**")])[0].metadata_list
     return sorted(
         (m for m in matches if COMMIT_MARKER not in m.path[len(uri) :]),
@@ -79,9 +81,13 @@ def _files(uri: str) -> list[Any]:
     )
 
 
-def manifest(uri: str) -> dict[str, int]:
-    """Relative path -> size of every payload file: recorded at commit, checked before reuse."""
-    return {m.path[len(uri) :].lstrip("/"): m.size_in_bytes for m in _files(uri)}
+def _relative(uri: str, m: FileMetadata) -> str:
+    return m.path[len(uri) :].lstrip("/")
+
+
+def manifest(uri: str, files: list[FileMetadata] | None = None) -> dict[str, int]:
+    """Relative path -> size of each payload file (`files`, else listed now): recorded at commit, checked at reuse."""
+    return {_relative(uri, m): m.size_in_bytes for m in (payload_files(uri) if files is None else files)}
 
 
 def is_intact(uri: str) -> bool:
@@ -100,10 +106,22 @@ def is_intact(uri: str) -> bool:
     return manifest(uri) == recorded
 
 
-def fingerprint_tree(uri: str) -> str:
-    """Content hash of every file under `uri` (names and bytes), the marker excluded."""
+def fingerprint_tree(uri: str, files: list[FileMetadata] | None = None) -> str:
+    """Content fingerprint of every payload file under `uri` (`files`, else listed now), by relative path.
+
+    On an object store: each file's size and the checksum the store keeps (no byte downloaded). On
+    local disk: the bytes themselves, read where they were just written (local reads are cheap and
+    a local filesystem keeps no checksum).
+    """
+    files = payload_files(uri) if files is None else files
     h = hashlib.blake2b(digest_size=16)
-    for m in _files(uri):
+    if remote_fs.is_remote(uri):
+        checksums = fingerprints.store_checksums([m.path for m in files])
+        for m in files:
+            h.update(m.path[len(uri) :].encode())
+            h.update(f"{m.size_in_bytes}:{checksums[m.path]}".encode())
+        return h.hexdigest()
+    for m in files:
         h.update(m.path[len(uri) :].encode())
         with FileSystems.open(m.path) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -58,22 +58,27 @@ def _merge_properties(dicts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _Commit(beam.DoFn):
-    """Runs once per output after its files are complete: fingerprint, then write the commit marker."""
+    """Runs once per output after its files are complete: fingerprint, then write the commit marker.
+
+    On an object store the fingerprint comes from the listing and the store's checksums, so a
+    commit downloads nothing; on local disk it hashes the bytes (see `artifact_io.fingerprint_tree`).
+    """
 
     def __init__(self, atype: ArtifactType, uri: str, producer: str, pipeline_name: str):
         self._atype, self._uri, self._producer, self._pipeline = atype, uri, producer, pipeline_name
 
     def process(self, _, manifests):
         props = _merge_properties(list(manifests))
+        files = artifact_io.payload_files(self._uri)  # one listing for the fingerprint and the manifest
         props.update(
-            fingerprint=artifact_io.fingerprint_tree(self._uri),
+            fingerprint=artifact_io.fingerprint_tree(self._uri, files),
             producer_component=self._producer,
             pipeline_name=self._pipeline,
         )
         marker = {
             "properties": props,
             "committed_at_ms": int(time.time() * 1000),
-            "files": artifact_io.manifest(self._uri),
+            "files": artifact_io.manifest(self._uri, files),
         }
         artifact_io.write_text_atomic(artifact_io.join(self._uri, COMMIT_MARKER), json.dumps(marker, sort_keys=True))
         yield Artifact(self._atype, self._uri, props)
