@@ -8,7 +8,7 @@ import shutil
 import apache_beam as beam
 import pytest
 
-from beam_pipeline import Pipeline, launcher
+from beam_pipeline import Pipeline, fingerprints, launcher
 from beam_pipeline.artifacts import EXAMPLES, STATISTICS
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import PipelineRunError
@@ -16,6 +16,12 @@ from tests.helpers import executions_by_state, store_at
 from transforms.example_gen import ExampleGen
 from transforms.schema_gen import SchemaGen
 from transforms.statistics_gen import StatisticsGen
+
+
+@pytest.fixture(autouse=True)
+def _private_memo(tmp_path, monkeypatch):
+    """Fingerprints and types are remembered in the test's own directory, not the user's cache."""
+    monkeypatch.setenv(fingerprints.CACHE_DIR_ENV, str(tmp_path / "memo"))
 
 
 class _FailWhileFileExists(Component):

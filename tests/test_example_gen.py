@@ -9,12 +9,19 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 import pytest
 
-from beam_pipeline import artifact_io, caching
+from beam_pipeline import artifact_io, fingerprints
 from beam_pipeline.errors import InputDataError
 from tests.helpers import executions_by_state, run_components, store_at
 from transforms import _example_io as io_
 from transforms.example_gen import ExampleGen
 from transforms.statistics_gen import StatisticsGen
+
+
+@pytest.fixture(autouse=True)
+def _private_memo(tmp_path, monkeypatch):
+    """Fingerprints and types are remembered in the test's own directory, not the user's cache."""
+    monkeypatch.setenv(fingerprints.CACHE_DIR_ENV, str(tmp_path / "memo"))
+
 
 HEADER = "a,b,c\n"
 
@@ -243,7 +250,6 @@ def test_a_value_outside_any_sample_widens_the_column_and_is_noted(tmp_path):
     assert scan.schema.field("c").type == pa.string()
     [note] = scan.notes
     assert "column 'a' read as float64" in note and "data row 30001" in note and "'7.5'" in note
-    assert scan.digests == {path: caching.file_fingerprint(path)}
 
 
 def test_an_int_column_with_a_word_in_its_last_row_becomes_string(tmp_path):
@@ -378,13 +384,13 @@ def test_compressed_csv_gives_the_same_examples_as_the_plain_file(tmp_path, taxi
 
 
 def test_a_compressed_file_has_one_fingerprint_with_or_without_the_scan(tmp_path):
-    """The scan digests decompressed data; the fallback (no scan this plan) must take the same digest."""
+    """The fingerprint is of the stored bytes, whichever runs first: the type scan or the fingerprint."""
     import gzip
 
     with gzip.open(tmp_path / "d.csv.gz", "wt") as f:
         f.write(HEADER + _rows(100))
     scanned = ExampleGen(input_base=str(tmp_path / "d.csv.gz"))
-    scanned.static_outputs({})  # the scan hands its digests to the fingerprint that follows
+    scanned.static_outputs({})
     unscanned = ExampleGen(input_base=str(tmp_path / "d.csv.gz"))
     assert scanned.external_fingerprint() == unscanned.external_fingerprint()
 
@@ -447,12 +453,16 @@ def test_a_stray_quote_does_not_stop_the_type_scan(tmp_path):
     assert sum(t.num_rows for t in tables) == 401
 
 
-def test_the_fingerprint_handed_over_by_the_type_scan_is_the_files_own_and_used_once(tmp_path):
+def test_the_remembered_types_are_the_files_own_and_follow_a_change(tmp_path):
     path = _write(tmp_path / "d.csv", HEADER + _rows(100))
     gen = ExampleGen(input_base=path)
     fresh = gen.external_fingerprint()
-    gen.static_outputs({})
+    assert gen.static_outputs({})["examples"]["flat_schema"].field("a").type == pa.int64()
     assert gen.external_fingerprint() == fresh
-    gen.static_outputs({})
-    _write(tmp_path / "d.csv", HEADER + _rows(101))  # changed after the scan: its digest must not be used
+    # Same size, new content: the fingerprint and the types follow it, not what was remembered.
+    _write(tmp_path / "d.csv", HEADER + _rows(99) + "9.5,9.5,s1\n")
+    assert os.path.getsize(path) == len(HEADER + _rows(100))
     assert gen.external_fingerprint() != fresh
+    static = gen.static_outputs({})["examples"]
+    assert static["flat_schema"].field("a").type == pa.float64()
+    assert "column 'a' read as float64" in static["column_type_notes"][0]

@@ -1,9 +1,8 @@
-"""CSV column types from every row at compile time, in the same streaming pass that digests each file."""
+"""CSV column types from every row at compile time, in one streaming pass per file (none when every type is given)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Sequence
 from typing import BinaryIO
@@ -27,11 +26,10 @@ _RANK_NAMES = {_INT: "int64", _FLOAT: "float64", _STRING: "string"}
 
 @dataclasses.dataclass(frozen=True)
 class CsvScan:
-    """What one pass over every byte found: column types, why a column was widened, each file's digest."""
+    """What one pass over every byte found: column types and why a column was widened."""
 
     schema: pa.Schema
     notes: tuple[str, ...]
-    digests: dict[str, str]
 
 
 class _ColumnType:
@@ -66,18 +64,17 @@ class _ColumnType:
         return _FLOAT if converts(value, pa.float64()) else _STRING
 
 
-class _Digesting:
-    """A read-only stream that hashes what passes through it, so the type scan is also the fingerprint."""
+class _QuoteCounting:
+    """A read-only stream that counts the quotes passing through it, to tell a stray quote from a clean file."""
 
     closed = False
 
     def __init__(self, f: BinaryIO):
-        self._f, self._hash = f, hashlib.blake2b(digest_size=16)
+        self._f = f
         self.quotes = 0  # odd at the end: a stray quote swallowed the rest of the file into one field
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read() if n is None or n < 0 else self._f.read(n)
-        self._hash.update(data)
         self.quotes += data.count(b'"')
         return data
 
@@ -90,28 +87,14 @@ class _Digesting:
     def close(self) -> None:
         pass
 
-    def hexdigest(self) -> str:
-        while self.read(1 << 22):  # whatever the parser did not consume still counts
-            pass
-        return self._hash.hexdigest()
-
-
-def file_digest(path: str) -> str:
-    """blake2b-128 of a file's data (decompressed), the same digest `scan_csv` records."""
-    stream = _Digesting(open_data(path))
-    try:
-        return stream.hexdigest()
-    finally:
-        stream._f.close()
-
 
 def scan_csv(paths: Sequence[str], overrides: dict[str, str] | None = None) -> CsvScan:
-    """Arrow types from every row of every file, in one streaming pass that also digests each file.
+    """Arrow types from every row of every file, in one streaming pass per file.
 
     Done at compile time so every block is parsed with the same types and downstream components
     (tf.Transform) know the schema while the graph is built. A column is int64 when every value is
     an integer, float64 when every value is a number, else string; each widening is noted with the
-    value and row that caused it.
+    value and row that caused it. When `overrides` names every column, only the headers are read.
     """
     names = csv_header(paths[0])
     for path in paths[1:]:
@@ -126,18 +109,20 @@ def scan_csv(paths: Sequence[str], overrides: dict[str, str] | None = None) -> C
     overrides = overrides or {}
     fixed = {name: _type_from_name(kind, name) for name, kind in overrides.items()}
     columns = {n: _ColumnType(n) for n in names if n not in fixed}
-    digests = {path: _scan_file(path, names, columns) for path in paths}
+    if columns:  # some type is not given: every row decides it
+        for path in paths:
+            _scan_file(path, names, columns)
     notes = tuple(note for c in columns.values() for note in c.notes)
     for note in notes:
         log.info("ExampleGen types: %s", note)
     fields = [pa.field(n, fixed[n] if n in fixed else _RANK_TYPES[columns[n].rank]) for n in names]
-    return CsvScan(pa.schema(fields), notes, digests)
+    return CsvScan(pa.schema(fields), notes)
 
 
-def _scan_file(path: str, names: list[str], columns: dict[str, _ColumnType]) -> str:
+def _scan_file(path: str, names: list[str], columns: dict[str, _ColumnType]) -> None:
     strings = {n: pa.string() for n in names}
     with open_data(path) as f:
-        stream = _Digesting(f)
+        stream = _QuoteCounting(f)
         rows = 0
         try:
             reader = pv.open_csv(
@@ -152,7 +137,6 @@ def _scan_file(path: str, names: list[str], columns: dict[str, _ColumnType]) -> 
             streamed = True
         except pa.ArrowInvalid:
             streamed = False
-        digest = stream.hexdigest()
         streamed = streamed and stream.quotes % 2 == 0
     # A stray quote or unparsable text: re-read by line-aligned blocks, as the run will, so the rows
     # the run keeps are the rows the types come from.
@@ -163,7 +147,6 @@ def _scan_file(path: str, names: list[str], columns: dict[str, _ColumnType]) -> 
             table, _bad = parse_csv_block(path, start, end, schema, "skip")
             _observe(columns, table.column_names, table.columns, path, rows)
             rows += table.num_rows
-    return digest
 
 
 def _observe(

@@ -1,13 +1,13 @@
 """ExampleGen's reader API in one namespace, for importers such as Evaluator; each name lives in its own module.
 
 Where each job lives: `_input_files` (listing, opening, headers), `_csv_values` (string conversion),
-`_csv_scan` (compile-time types and digests), `_csv_blocks` (byte ranges and run-time parsing),
+`_csv_scan` (compile-time types), `_csv_blocks` (byte ranges and run-time parsing),
 `_parquet_tfrecord`, `_arrow_layout` (large_list layout) and `_split_hash` (row hashes, splits).
 """
 
 from transforms._arrow_layout import NUMERIC_TO_LIST, list_schema, to_list_batch
 from transforms._csv_blocks import BadRecord, byte_ranges, parse_csv_block
-from transforms._csv_scan import SCAN_BLOCK_BYTES, CsvScan, file_digest, infer_csv_types, scan_csv
+from transforms._csv_scan import SCAN_BLOCK_BYTES, CsvScan, infer_csv_types, scan_csv
 from transforms._csv_values import unconvertible
 from transforms._input_files import (
     SAMPLE_BYTES,
@@ -15,6 +15,7 @@ from transforms._input_files import (
     file_size,
     is_compressed,
     match_files,
+    match_metadata,
     open_data,
     read_range,
 )
@@ -30,12 +31,12 @@ __all__ = [
     "assign_splits",
     "byte_ranges",
     "csv_header",
-    "file_digest",
     "file_size",
     "infer_csv_types",
     "is_compressed",
     "list_schema",
     "match_files",
+    "match_metadata",
     "open_data",
     "parquet_row_groups",
     "parquet_schema",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 import pyarrow.csv as pv
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.errors import InputDataError
@@ -18,7 +18,12 @@ SAMPLE_BYTES = 1 << 18
 
 def match_files(patterns: Sequence[str]) -> list[str]:
     """Expand globs; a pattern matching nothing is an error that names it, and so is one that cannot be listed."""
-    files: list[str] = []
+    return [m.path for m in match_metadata(patterns)]
+
+
+def match_metadata(patterns: Sequence[str]) -> list[FileMetadata]:
+    """Listing metadata (path, size) of every file the globs match, by path; errors as `match_files`."""
+    files: dict[str, FileMetadata] = {}
     for pattern in patterns:
         try:
             found = FileSystems.match([pattern])[0].metadata_list
@@ -34,8 +39,8 @@ def match_files(patterns: Sequence[str]) -> list[str]:
         found = [m for m in found if m.size_in_bytes is not None]
         if not found:
             raise InputDataError(f"input path {pattern!r} matches no file: check the path or glob pattern")
-        files.extend(sorted(m.path for m in found))
-    return sorted(set(files))
+        files.update((m.path, m) for m in found)
+    return [files[path] for path in sorted(files)]
 
 
 def _is_not_found(exc: BaseException) -> bool:

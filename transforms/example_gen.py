@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipeline import artifact_io, caching
+from beam_pipeline import artifact_io, caching, fingerprints
 from beam_pipeline.artifacts import EXAMPLES
 from beam_pipeline.dsl import Component
 from beam_pipeline.errors import InputDataError, PipelineDefinitionError
 from transforms._arrow_layout import list_schema, to_list_batch
 from transforms._csv_blocks import BadRecord, byte_ranges, parse_csv_block
-from transforms._csv_scan import file_digest, scan_csv
-from transforms._input_files import match_files
+from transforms._csv_scan import scan_csv
+from transforms._input_files import match_files, match_metadata
 from transforms._parquet_tfrecord import (
     conform,
     parquet_row_groups,
@@ -78,9 +81,6 @@ class ExampleGen(Component):
             },
             component_id=component_id,
         )
-        # static_outputs' digests, handed to the external_fingerprint call that follows it in the same
-        # plan (one read of the data for both); used only if the files are unchanged, and only once.
-        self._digest_handoff: tuple[tuple, dict[str, str]] | None = None
 
     # -- compile time (recomputed on every call: a Pipeline object may run again on new files) --------
     @property
@@ -88,42 +88,39 @@ class ExampleGen(Component):
         return match_files(self.params["input_base"])
 
     def external_fingerprint(self, inputs=None) -> str:
-        files = self.files
-        handoff, self._digest_handoff = self._digest_handoff, None
-        digests = handoff[1] if handoff is not None and handoff[0] == _stamps(files) else {}
-        # CSV digests are of the decompressed data, as the type scan takes them: the same file
-        # gets the same key whether or not the scan's digests were handed over.
-        digest = file_digest if self.params["format"] == "csv" else caching.file_fingerprint
-        h = hashlib.blake2b(digest_size=16)
-        for path in files:
-            h.update(path.encode())
-            h.update((digests.get(path) or digest(path)).encode())
-        return h.hexdigest()
+        """The input files' content, from the store's checksums or a stat-keyed digest memo: an
+        unchanged input is not read (see `beam_pipeline.fingerprints`)."""
+        return _input_fingerprint(match_metadata(self.params["input_base"]))
 
     def flat_schema(self) -> pa.Schema:
         """Column types, decided at compile time and enforced on every block."""
-        return self._plan_input(self.files)[0]
+        return self._plan_input(match_metadata(self.params["input_base"]))[0]
 
-    def _plan_input(self, files: list[str]) -> tuple[pa.Schema, list[str]]:
-        """(flat schema, notes on widened column types) of `files`; a CSV scan also hands over digests."""
-        fmt, notes = self.params["format"], []
-        if fmt == "csv":
-            stamps = _stamps(files)
-            scan = scan_csv(files, self.params["column_types"])
-            schema, notes = scan.schema, list(scan.notes)
-            self._digest_handoff = (stamps, scan.digests)
-        elif fmt == "parquet":
-            schema = same_parquet_schema(files)
+    def _plan_input(self, found: list[FileMetadata]) -> tuple[pa.Schema, list[str]]:
+        """(flat schema, notes on widened column types) of the files, remembered by their fingerprint.
+
+        Finding the types reads data (every row of a CSV, the first records of TFRecords); an input
+        whose fingerprint is unchanged gets the types found last time, without reading a byte.
+        """
+        fmt, files = self.params["format"], [m.path for m in found]
+        name = json.dumps([fmt, self.params["input_base"], self.params["column_types"]])
+        valid_for = json.dumps([_PLAN_VERSION, _input_fingerprint(found), caching.library_versions()])
+        known = fingerprints.recall(_INPUT_SCHEMAS, name, valid_for)
+        if known is not None:
+            schema, notes = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(known["schema"]))), known["notes"]
         else:
-            schema = tfrecord_schema(files)
+            schema, notes = _find_schema(fmt, files, self.params["column_types"])
+            encoded = base64.b64encode(schema.serialize().to_pybytes()).decode()
+            fingerprints.remember(_INPUT_SCHEMAS, name, valid_for, {"schema": encoded, "notes": notes})
         feature = self.params["partition_feature"]
         if feature and feature not in schema.names:
             raise InputDataError(f"partition_feature {feature!r} is not a column of {files[0]}: {schema.names}")
         return schema, notes
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        files = self.files
-        schema, notes = self._plan_input(files)
+        found = match_metadata(self.params["input_base"])
+        files = [m.path for m in found]
+        schema, notes = self._plan_input(found)
         return {
             "examples": {
                 "arrow_schema": list_schema(schema),
@@ -224,7 +221,26 @@ class _ReadSplitWrite(beam.DoFn):
         yield beam.pvalue.TaggedOutput(_COUNTS, counts)
 
 
-def _stamps(files: list[str]) -> tuple:
-    """(path, size, mtime) of each file: what must be unchanged for a handed-over digest to stand."""
-    found = FileSystems.match(files)
-    return tuple((m.path, m.size_in_bytes, m.last_updated_in_seconds) for r in found for m in r.metadata_list)
+_INPUT_SCHEMAS = "input-schemas"
+# Bump when finding the types changes what it finds for the same bytes (libraries count on their own).
+_PLAN_VERSION = "1"
+
+
+def _input_fingerprint(found: list[FileMetadata]) -> str:
+    """One fingerprint of the files' paths and contents (see `beam_pipeline.fingerprints`)."""
+    per_file = fingerprints.file_fingerprints(found)
+    h = hashlib.blake2b(digest_size=16)
+    for m in found:
+        h.update(m.path.encode())
+        h.update(per_file[m.path].encode())
+    return h.hexdigest()
+
+
+def _find_schema(fmt: str, files: list[str], column_types: dict[str, str]) -> tuple[pa.Schema, list[str]]:
+    """(flat schema, notes) from the data: the CSV type scan, Parquet footers or sampled TFRecords."""
+    if fmt == "csv":
+        scan = scan_csv(files, column_types)
+        return scan.schema, list(scan.notes)
+    if fmt == "parquet":
+        return same_parquet_schema(files), []
+    return tfrecord_schema(files), []
