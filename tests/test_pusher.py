@@ -378,9 +378,12 @@ def test_cache_key_follows_the_versions_in_the_serving_dir(tmp_path):
     assert pusher.external_fingerprint() == one  # temp dirs and the lock file do not count
 
 
-def test_remote_or_missing_serving_dir_is_rejected(tmp_path):
-    with pytest.raises(PipelineDefinitionError, match="only local directories"):
-        _pipeline_with_pusher(tmp_path, "gs://bucket/models")
+def test_unsupported_or_missing_serving_dir_is_rejected(tmp_path):
+    for uri in ("hdfs://namenode/models", "file:///tmp/models"):
+        with pytest.raises(PipelineDefinitionError, match=r"supported are local directories and s3://, gs://"):
+            _pipeline_with_pusher(tmp_path, uri)
+    pusher = _pipeline_with_pusher(tmp_path, "gs://bucket/models/taxi/").components[-1]
+    assert pusher.params["serving_model_dir"] == "gs://bucket/models/taxi"
     with pytest.raises(PipelineDefinitionError, match="needs serving_model_dir"):
         _pipeline_with_pusher(tmp_path, "")
 
