@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from beam_pipeline import remote_fs
 from beam_pipeline.serving.names import parse_version_labels
 
 
@@ -38,7 +39,7 @@ def _labels(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     "--model_base_path",
     required=True,
     type=click.Path(file_okay=False),
-    help="Directory holding <version>/saved_model.pb, as the Pusher writes it.",
+    help="Directory holding <version>/saved_model.pb, as the Pusher writes it: a local path, s3://… or gs://….",
 )
 @click.option("--model_name", default="default", show_default=True, help="Name in the /v1/models/NAME URLs.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8501, show_default=True)
@@ -139,7 +140,18 @@ def serve(
             version_labels=model_version_labels,
         )
     except ValueError as e:  # bad configuration, e.g. a model name outside the allowed characters
+        _leave_if_s3_was_used(2, f"Error: {e}")
         raise click.UsageError(str(e)) from None
     except KeyboardInterrupt as e:  # SIGINT or SIGTERM: a stop on request (after a graceful shutdown if serving)
         click.echo(f"stopped by {e or 'SIGINT'}", err=True)
+        _leave_if_s3_was_used(0)
         sys.exit(0)
+    _leave_if_s3_was_used(0)
+
+
+def _leave_if_s3_was_used(code: int, message: str | None = None) -> None:
+    """Exit now, skipping interpreter teardown, if this process used S3: tensorflow-io would abort it (exit 134)."""
+    if remote_fs.used_s3():
+        if message:
+            click.echo(message, err=True)
+        remote_fs.exit_now(code)

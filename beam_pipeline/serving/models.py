@@ -5,6 +5,10 @@ loads versions that appeared and retires versions that are no longer wanted; a r
 memory until the last request that acquired it has released it, so a push never breaks a request that
 is already running. A version that fails to load is reported in the status with its error and retried
 only when its directory changes or its (exponential, bounded) backoff has expired.
+
+A base path on an object store (`s3://`, `gs://`) is read through `tf.io.gfile`: "directories" are
+prefixes there, and a version whose `saved_model.pb` is not there yet (the Pusher copies it last) fails to
+load as NOT_FOUND, is never served, and is tried again as soon as its objects change.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
+from beam_pipeline import remote_fs
 from beam_pipeline.serving.errors import BadRequestError, ModelLoadError, ServableNotFoundError
 from beam_pipeline.serving.names import MODEL_NAME_RE, VERSION_RE
 
@@ -209,13 +214,23 @@ def _check_servable(path: str, servable: Servable) -> None:
         )
 
 
+def _is_file(path: str) -> bool:
+    if remote_fs.is_remote(path):
+        return tf.io.gfile.exists(path)  # an object (no directories there to tell apart)
+    return os.path.isfile(path)
+
+
 def load_servable(name: str, version: int, path: str) -> Servable:
     """Load the SavedModel of one version directory; raise ModelLoadError when it is incomplete or broken."""
     pb_path = os.path.join(path, SAVED_MODEL_FILE)
-    if not os.path.isfile(pb_path):
+    try:
+        present = _is_file(pb_path)
+    except tf.errors.OpError as e:
+        raise ModelLoadError(f"{path}: {type(e).__name__}: {e}", _error_code(e)) from e
+    if not present:
         raise ModelLoadError(f"{path}: no {SAVED_MODEL_FILE} in the version directory", "NOT_FOUND")
     try:
-        with open(pb_path, "rb") as f:
+        with tf.io.gfile.GFile(pb_path, "rb") if remote_fs.is_remote(pb_path) else open(pb_path, "rb") as f:
             saved_model = saved_model_pb2.SavedModel.FromString(f.read())
         meta_graphs = [mg for mg in saved_model.meta_graphs if "serve" in mg.meta_info_def.tags]
         if not meta_graphs:
@@ -232,7 +247,10 @@ def dir_fingerprint(path: str) -> int | None:
     """A hash of the names, inodes, sizes and times of everything under `path`; None if it cannot be read.
 
     Inode and ctime are in it because a copy (shutil.copytree keeps mtimes) of the same files is a new push.
+    On an object store: names, sizes and modification times of the objects under the prefix.
     """
+    if remote_fs.is_remote(path):
+        return _store_fingerprint(path)
     entries: list[tuple[Any, ...]] = []
     try:
         for root, dirs, files in os.walk(path, onerror=_raise):
@@ -247,8 +265,20 @@ def dir_fingerprint(path: str) -> int | None:
     return hash(tuple(entries))
 
 
-def _raise(e: OSError) -> None:
+def _raise(e: BaseException) -> None:
     raise e
+
+
+def _store_fingerprint(path: str) -> int | None:
+    entries: list[tuple[Any, ...]] = []
+    try:
+        for root, _dirs, files in tf.io.gfile.walk(path, onerror=_raise):
+            for name in files:
+                st = tf.io.gfile.stat(os.path.join(root, name))
+                entries.append((root[len(path) :], name, st.length, st.mtime_nsec))
+    except tf.errors.OpError:
+        return None
+    return hash(tuple(sorted(entries)))
 
 
 @dataclasses.dataclass
@@ -292,6 +322,7 @@ class ModelManager:
             raise ValueError(
                 f"need 0 < load_retry_initial_s <= load_retry_max_s, got {load_retry_initial_s}, {load_retry_max_s}"
             )
+        remote_fs.enable_for([base_path])  # an object store's filesystem, for TensorFlow (tensorflow-io for s3://)
         self.base_path = base_path
         self.model_name = model_name
         self.num_versions = num_versions
@@ -372,6 +403,13 @@ class ModelManager:
     def scan(self) -> dict[int, str]:
         """Version directories on disk (integer names); hidden temp dirs of a push in progress are not."""
         found: dict[int, str] = {}
+        if remote_fs.is_remote(self.base_path):
+            for name in tf.io.gfile.listdir(self.base_path):
+                name = name.rstrip("/")
+                path = os.path.join(self.base_path, name)
+                if VERSION_RE.fullmatch(name) and tf.io.gfile.isdir(path):
+                    found[int(name)] = path
+            return found
         with os.scandir(self.base_path) as entries:
             for entry in entries:
                 if VERSION_RE.fullmatch(entry.name) and entry.is_dir():
@@ -383,7 +421,7 @@ class ModelManager:
         with self._poll_lock:
             try:
                 on_disk = self.scan()
-            except OSError as e:
+            except (OSError, tf.errors.OpError) as e:
                 log.warning("cannot list model base path %s: %s; keeping the loaded versions", self.base_path, e)
                 return
             with self._lock:

@@ -9,6 +9,7 @@ table instead and served at /openapi.json.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -26,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from beam_pipeline import remote_fs
 from beam_pipeline.serving import codec
 from beam_pipeline.serving.batching import Batcher
 from beam_pipeline.serving.errors import (
@@ -356,7 +358,10 @@ def app_from_env() -> Starlette:
     """App factory run in each worker process of `serve(workers=N)`, which passes its settings in the environment."""
     settings = json.loads(os.environ[_WORKER_SETTINGS_ENV])
     _set_log_level(settings.pop("log_level"))
-    return create_app(**settings)
+    app = create_app(**settings)
+    if remote_fs.used_s3():  # tensorflow-io would abort this worker at exit (see remote_fs.exit_now)
+        atexit.register(remote_fs.exit_now, 0)
+    return app
 
 
 def _set_log_level(log_level: str) -> None:
