@@ -1,7 +1,7 @@
 """Start a process that cannot see the driver's disk, as an SDK worker on another machine could not.
 
 The process runs in a private mount namespace (`unshare --mount --propagation private`; as non-root
-inside a user namespace too), with a private, empty `/tmp` and `/dev/shm` (tmpfs), and an empty
+inside a user namespace too), with a private, empty `/tmp`, `/var/tmp` and `/dev/shm` (tmpfs), and an empty
 read-only tmpfs over each directory of the driver's working tree that a worker must not use: the checkout's directories
 (`examples/`, `tests/`, `pipelines/`, ...) and the driver's working directory. What a worker needs
 stays visible: the interpreter, its standard library and site-packages (the venv), and this
@@ -34,9 +34,9 @@ from collections.abc import Iterable, Sequence
 from runners.preflight import RunnerConfigError
 
 ENV = "BEAM_PIPELINE_ISOLATE_WORKERS"
-# Scratch space every process may write: private and empty in each namespace (/dev/shm holds
-# multiprocessing's semaphores, and would otherwise be a disk the driver and the workers share).
-PRIVATE_DIRS = ("/tmp", "/dev/shm")
+# Scratch space every process may write: private and empty in each namespace. Each would otherwise be
+# a disk the driver and the workers share (/dev/shm also holds multiprocessing's semaphores).
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 PACKAGES = ("beam_pipeline", "transforms", "runners")
 # Top-level directories of the OS: never covered, whatever the working directory is.
 SYSTEM_DIRS = frozenset(

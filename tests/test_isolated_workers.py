@@ -76,21 +76,24 @@ def _probe_on_workers(bucket: str, driver_files: dict[str, str], write_dir: str,
 
 @pytest.fixture(scope="module")
 def driver_files(tmp_path_factory) -> dict[str, str]:
-    """Files only the driver has: in its tmp dir, in /dev/shm, in the checkout's examples/ and tests/."""
+    """Files only the driver has: in its tmp dir, /dev/shm, /var/tmp, the checkout's examples/ and tests/."""
     tmp = tmp_path_factory.mktemp("driver_only")
     secret = tmp / "secret.txt"
     secret.write_text("the driver's")
-    shm = f"/dev/shm/beam-driver-only-{os.getpid()}"
-    with open(shm, "w") as f:
-        f.write("the driver's")
+    scratch = [f"{d}/beam-driver-only-{os.getpid()}" for d in ("/dev/shm", "/var/tmp")]
+    for path in scratch:
+        with open(path, "w") as f:
+            f.write("the driver's")
     yield {
         "driver_tmp": str(secret),
-        "dev_shm": shm,
+        "dev_shm": scratch[0],
+        "var_tmp": scratch[1],
         "examples": TAXI_CSV,
         "tests": TESTS_FILE,
         "package": PACKAGE_FILE,
     }
-    os.unlink(shm)
+    for path in scratch:
+        os.unlink(path)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +115,7 @@ def test_a_worker_sees_none_of_the_driver_files_but_its_packages(isolated, drive
     records, _ = isolated
     assert all(os.path.exists(path) for path in driver_files.values())  # the driver has them all
     for r in records:
-        assert r["sees"] == {"driver_tmp": False, "dev_shm": False, "examples": False, "tests": False, "package": True}
+        assert r["sees"] == dict.fromkeys(driver_files, False) | {"package": True}
         assert r["cwd"] != os.getcwd() and r["cwd"].startswith("/tmp/sdk-worker-"), r["cwd"]
 
 
