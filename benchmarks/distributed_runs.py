@@ -22,6 +22,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+# Local roots under --work-dir: this measures the runner, so its workers may share the driver's disk.
+os.environ.setdefault("BEAM_PIPELINE_ISOLATE_WORKERS", "0")
 
 from beam_pipeline import Pipeline, launcher  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402

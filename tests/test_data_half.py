@@ -147,7 +147,8 @@ def test_portable_runner_gives_the_same_statistics(tmp_path, taxi_small_csv):
     from runners.options import PRESETS, local_portable_services
 
     direct = launcher.run(data_half(taxi_small_csv, tmp_path / "direct"), PRESETS["direct"])
-    with local_portable_services() as args:
+    # Local paths: the workers share the driver's disk here (tests/test_distributed.py runs isolated, on S3).
+    with local_portable_services(isolate=False) as args:
         portable = launcher.run(data_half(taxi_small_csv, tmp_path / "portable"), args)
     for split in ("train", "eval"):
         a = _read_stats(direct.artifact("StatisticsGen", "statistics"), split).datasets[0]
