@@ -93,10 +93,9 @@ def manifest(uri: str, files: list[FileMetadata] | None = None) -> dict[str, int
 def is_intact(uri: str) -> bool:
     """True when the artifact is committed and every file it was committed with is there, same size.
 
-    Reads only the store's listing, never the payload, so checking a cached artifact stays cheap.
+    Reads only the marker and the store's listing, never the payload, so checking a cached artifact
+    stays cheap. (No exists(uri) first: on an object store a directory is a prefix, never an object.)
     """
-    if not FileSystems.exists(uri):
-        return False
     marker = read_marker(uri)
     if marker is None:
         return False
