@@ -735,7 +735,7 @@ def _same_channel(a: Channel | None, b: Channel | None) -> bool:
 
 
 class Pusher(Component):
-    """Push the model to `serving_model_dir/<version>/` when its blessing says blessed=1.
+    """Push the model to `serving_model_dir/<version>/` (a local directory, s3:// or gs://) when blessed=1.
 
     Output `pushed_model`: properties pushed (0/1), pushed_destination, pushed_version and
     push_message, and `push_result.json` with the same facts. A model that is not blessed is not
