@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Input digests and type scans are memoized per machine (beam_pipeline/fingerprints.py): a suite's own.
+os.environ.setdefault("BEAM_PIPELINE_CACHE_DIR", tempfile.mkdtemp(prefix="bp-test-cache-"))
 
 import pytest
 
