@@ -22,6 +22,7 @@ from beam_pipeline.metadata import MetadataStore
 from tests import _fixtures_metadata as fm
 from tests.helpers import read_only_directory
 from transforms import pusher as pu
+from transforms._push_record import TEMP_PREFIX
 from transforms.evaluator import Evaluator, binary_classification_eval_config
 from transforms.example_gen import ExampleGen
 from transforms.schema_gen import SchemaGen
@@ -148,7 +149,7 @@ def test_blessed_models_are_pushed_as_increasing_versions(runs):
 
     assert _pushed(second, "Push")["pushed_version"] == 2  # value thresholds only: the weak model is blessed too
     assert pu.read_push_record(str(main / "2"))["model_uri"] == runs["weak"]
-    assert not [n for n in os.listdir(main) if n.startswith(pu._TEMP_PREFIX)]  # no temp directory left behind
+    assert not [n for n in os.listdir(main) if n.startswith(TEMP_PREFIX)]  # no temp directory left behind
 
 
 @pytest.mark.slow
@@ -267,7 +268,7 @@ def test_a_push_that_lands_during_the_copy_is_seen_under_the_lock(runs, tmp_path
         pu.push_model(_saved_model(good), serving, record={"model_uri": "/models/candidate"}, guard=guard)
     assert pu.existing_versions(serving) == [1, 2]
     assert pu.read_push_record(os.path.join(serving, "2"))["model_uri"] == weak
-    assert not [n for n in os.listdir(serving) if n.startswith(pu._TEMP_PREFIX)]
+    assert not [n for n in os.listdir(serving) if n.startswith(TEMP_PREFIX)]
 
 
 @pytest.mark.slow

@@ -32,7 +32,9 @@ from beam_pipeline.serving.errors import ServableNotFoundError
 from beam_pipeline.serving.models import ModelManager
 from tests import _fixtures_metadata as fm
 from tests.serving.serve_process import ROOT, serve_process, stop, wait_for
+from transforms import _push_store as ps
 from transforms import pusher as pu
+from transforms._push_record import TEMP_PREFIX
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +89,7 @@ def _versions(s3_server, base: str) -> dict[str, set[str]]:
 
 
 def test_push_to_s3_writes_the_tf_serving_layout_with_saved_model_pb_last(models, base, s3_server, monkeypatch):
-    real_copy, real_claim = FileSystems.copy, pu._create_exclusive
+    real_copy, real_claim = FileSystems.copy, ps._create_exclusive
     writes: list[str] = []  # what was written under version 1, in order
     at_pb: list[set[str]] = []  # the version's objects at the moment saved_model.pb is copied
 
@@ -101,7 +103,7 @@ def test_push_to_s3_writes_the_tf_serving_layout_with_saved_model_pb_last(models
         writes.extend(destinations)
         return real_copy(sources, destinations)
 
-    monkeypatch.setattr(pu, "_create_exclusive", claim)
+    monkeypatch.setattr(ps, "_create_exclusive", claim)
     monkeypatch.setattr(FileSystems, "copy", copy)
     assert pu.push_model(models["a"], base, record=_record(models["a"])) == (1, f"{base}/1")
 
@@ -173,7 +175,7 @@ def test_a_push_killed_mid_copy_is_waited_for_then_passed_over_and_removed(model
     assert done.returncode == 9, done.stderr[-3000:]
     left = _versions(s3_server, base)
     assert PB not in left["1"] and pu.PUSH_RECORD in left["1"] and len(left["1"]) == 4
-    assert [n for n in left if n.startswith(pu._TEMP_PREFIX)]  # its upload, too
+    assert [n for n in left if n.startswith(TEMP_PREFIX)]  # its upload, too
 
     manager = ModelManager(base, "taxi")
     manager.poll_once()
@@ -194,12 +196,12 @@ def test_a_push_killed_mid_copy_is_waited_for_then_passed_over_and_removed(model
     manager.stop()
 
 
-def _stale_listing_until_the_first_claim(monkeypatch, stale: pu._StoreListing) -> None:
+def _stale_listing_until_the_first_claim(monkeypatch, stale: ps._StoreListing) -> None:
     """Listings taken before this push's first claim miss another push's version that landed meanwhile."""
-    real_list, real_claim = pu._list_store, pu._create_exclusive
+    real_list, real_claim = ps._list_store, ps._create_exclusive
     claimed: list[str] = []
-    monkeypatch.setattr(pu, "_list_store", lambda base: real_list(base) if claimed else stale)
-    monkeypatch.setattr(pu, "_create_exclusive", lambda path, data: claimed.append(path) or real_claim(path, data))
+    monkeypatch.setattr(ps, "_list_store", lambda base: real_list(base) if claimed else stale)
+    monkeypatch.setattr(ps, "_create_exclusive", lambda path, data: claimed.append(path) or real_claim(path, data))
 
 
 def test_racing_pushes_the_store_gives_the_version_to_one_and_the_other_rechecks(models, base, s3_server, monkeypatch):
@@ -208,14 +210,14 @@ def test_racing_pushes_the_store_gives_the_version_to_one_and_the_other_rechecks
     before = _keys(s3_server, f"{base}/1")
 
     # Judged against nothing, it listed before version 1 landed: the claim of 1 fails, the recheck refuses.
-    _stale_listing_until_the_first_claim(monkeypatch, pu._StoreListing({}, {}))
+    _stale_listing_until_the_first_claim(monkeypatch, ps._StoreListing({}, {}))
     with pytest.raises(pu.PushRefused, match=r"version 1 \(model .*, pushed by test\) won"):
         pu.push_model(models["b"], base, record=_record(models["b"]), guard=pu.Guard(b, None, frozenset()))
     assert set(_versions(s3_server, base)) == {"1"} and _keys(s3_server, f"{base}/1") == before
 
     # Judged against the racer's model: the claim of 1 fails, it takes 2.
     monkeypatch.undo()
-    _stale_listing_until_the_first_claim(monkeypatch, pu._StoreListing({}, {}))
+    _stale_listing_until_the_first_claim(monkeypatch, ps._StoreListing({}, {}))
     guard = pu.Guard(b, a, frozenset({a}))
     assert pu.push_model(models["b"], base, record=_record(models["b"]), guard=guard) == (2, f"{base}/2")
     assert _keys(s3_server, f"{base}/1") == before  # the other push is untouched
@@ -224,7 +226,7 @@ def test_racing_pushes_the_store_gives_the_version_to_one_and_the_other_rechecks
 
 def test_a_push_in_progress_is_waited_for_and_checked_against(models, base, s3_server, monkeypatch):
     a, b = os.path.dirname(models["a"]), os.path.dirname(models["b"])
-    real_copy, real_list = FileSystems.copy, pu._list_store
+    real_copy, real_list = FileSystems.copy, ps._list_store
     at_pb, release = threading.Event(), threading.Event()
     second_listed_pending = threading.Event()
     lists_by_second: list[int] = []
@@ -244,7 +246,7 @@ def test_a_push_in_progress_is_waited_for_and_checked_against(models, base, s3_s
         return found
 
     monkeypatch.setattr(FileSystems, "copy", copy)
-    monkeypatch.setattr(pu, "_list_store", listing)
+    monkeypatch.setattr(ps, "_list_store", listing)
     results: dict[str, object] = {}
 
     def push(name, model_dir, guard):
