@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 # TensorFlow logs C++ errors while it loads (CUDA plugins "already registered", no GPU found) that
 # say nothing about the run; level 3 keeps them out. Read once, when TensorFlow is first imported,
@@ -56,7 +57,26 @@ def _quiet_libraries() -> None:
     logging.getLogger().setLevel(logging.ERROR)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The command group; run as the console script, it leaves through `remote_fs.exit_now` once S3 was used.
+
+    tensorflow-io's S3 filesystem aborts the interpreter at exit (see remote_fs.exit_now), which would
+    turn every command that read s3:// into exit code 134. Only the console entry point (`main()`)
+    comes through `__call__`; click's test runner calls `main.main(...)` and keeps its process.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.main(*args, **kwargs)
+        except SystemExit as e:
+            from beam_pipeline import remote_fs
+
+            if remote_fs.used_s3():
+                remote_fs.exit_now(e.code if isinstance(e.code, int) else int(e.code is not None))
+            raise
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Build, run and inspect ML pipelines compiled into one Apache Beam graph."""
 
@@ -74,7 +94,8 @@ def main() -> None:
     "--metadata-uri",
     envvar="BEAM_PIPELINE_METADATA_URI",
     default=None,
-    help="ML Metadata store: a SQLite path or mysql://user:pw@host:port/db (default: <root>/metadata.sqlite).",
+    help="ML Metadata store: a local SQLite path or mysql://user:pw@host:port/db "
+    "(default: <root>/metadata.sqlite; required when the root is on an object store).",
 )
 @click.option("--no-cache", is_flag=True, help="Run every component even if a cached execution matches.")
 @click.pass_context
@@ -93,6 +114,7 @@ def run(
 
     try:
         pipeline = load_pipeline(pipeline_file, pipeline_root)
+        store_uri = launcher.metadata_uri_for(pipeline, metadata_uri)  # refused before anything runs
     except BeamPipelineError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -103,13 +125,13 @@ def run(
             result = launcher.run(
                 pipeline,
                 beam_args,
-                metadata_uri=metadata_uri,
+                metadata_uri=store_uri,
                 enable_cache=False if no_cache else None,
                 on_update=display.update,
             )
     except BeamPipelineError as e:
         click.echo(f"\nerror: {e}", err=True)
-        _write_report(pipeline, metadata_uri, None)
+        _write_report(pipeline, store_uri, None)
         _exit(1)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: the run's unfinished executions are recorded CANCELED", err=True)
@@ -139,14 +161,16 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
-def _write_report(pipeline: Pipeline, metadata_uri: str | None, run_id: str | None) -> None:
+def _write_report(pipeline: Pipeline, metadata_uri: Any, run_id: str | None) -> None:
     """Write the run's static HTML report (also for a failed run, which then shows what failed)."""
-    from beam_pipeline import launcher, queries, report
+    from apache_beam.io.filesystems import FileSystems
 
-    uri = metadata_uri or launcher.default_metadata_uri(pipeline)
+    from beam_pipeline import queries, report
+
     try:
-        run_id = run_id or queries.latest_run_id(uri, pipeline.name)
-        path = report.write_run_report(uri, pipeline.name, run_id, os.path.join(pipeline.root, "reports", run_id))
+        run_id = run_id or queries.latest_run_id(metadata_uri, pipeline.name)
+        out_dir = FileSystems.join(pipeline.root, "reports", run_id)
+        path = report.write_run_report(metadata_uri, pipeline.name, run_id, out_dir)
     except BeamPipelineError as e:
         click.echo(f"(no report: {e})", err=True)
         return

@@ -30,10 +30,12 @@ def _store_options(fn: Callable) -> Callable:
     @click.option("--pipeline-root", default=None, help="Read <pipeline root>/metadata.sqlite.")
     @functools.wraps(fn)
     def wrapper(*args: Any, metadata_uri: str | None, pipeline_root: str | None, **kwargs: Any) -> Any:
-        from beam_pipeline import cli, queries
+        from beam_pipeline import cli, queries, remote_fs
 
         cli._quiet_libraries()
         try:
+            # Where pages and images go may be an object store too (artifacts are reached as they are read).
+            remote_fs.enable_for([kwargs.get("out") or "", kwargs.get("out_dir") or ""])
             return fn(*args, store=queries.open_store(queries.store_uri(metadata_uri, pipeline_root)), **kwargs)
         except BeamPipelineError as e:
             click.echo(f"error: {e}", err=True)

@@ -27,7 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline import artifact_io, caching, staging
+from beam_pipeline import artifact_io, caching, remote_fs, staging
 from beam_pipeline.artifacts import Artifact
 from beam_pipeline.compiler import ComponentPlan, build_graph
 from beam_pipeline.dsl import Pipeline
@@ -69,7 +69,40 @@ class RunResult:
 
 
 def default_metadata_uri(pipeline: Pipeline) -> str:
+    """`<root>/metadata.sqlite` for a local root; a root on an object store has no default store."""
+    if remote_fs.is_remote(pipeline.root):
+        # ML Metadata's SQLite is a local file: joining it onto s3://... would name a local `s3:/...` path.
+        raise MetadataError(
+            f"pipeline root {pipeline.root} is on {remote_fs.scheme(pipeline.root)}://, where ML Metadata's "
+            "SQLite file cannot live: pass --metadata-uri (or BEAM_PIPELINE_METADATA_URI; metadata_uri= from "
+            "Python) naming a local SQLite path such as ./metadata.sqlite, or mysql://user:pw@host:3306/db"
+        )
     return FileSystems.join(pipeline.root, "metadata.sqlite")
+
+
+def metadata_uri_for(pipeline: Pipeline, metadata_uri: str | MetadataStore | None = None) -> str | MetadataStore:
+    """The store a run of `pipeline` records into: the one given, the pipeline's own, else the default."""
+    return metadata_uri or pipeline.metadata_connection or default_metadata_uri(pipeline)
+
+
+def _paths(value: Any) -> list[str]:
+    """Every string in a component parameter (lists and dicts included): its input paths among them."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _paths(v)]
+    return []
+
+
+def enable_filesystems(pipeline: Pipeline, beam_args: Sequence[str]) -> list[str]:
+    """Make the root's and every input's filesystem reachable here; the Beam args SDK workers need too.
+
+    (The metadata URI is not among them: ML Metadata opens SQLite or MySQL itself, never through these.)
+    """
+    paths = [pipeline.root, *(p for c in pipeline.ordered for p in _paths(c.params))]
+    return remote_fs.enable_for(paths, [*pipeline.beam_pipeline_args, *beam_args])
 
 
 @dataclasses.dataclass
@@ -93,7 +126,8 @@ def compile_run(
     enable_cache: bool | None = None,
 ) -> CompiledRun:
     """Plan (cache lookups, resolution), register executions and build the Beam graph; runs nothing."""
-    uri = metadata_uri or pipeline.metadata_connection or default_metadata_uri(pipeline)
+    uri = metadata_uri_for(pipeline, metadata_uri)
+    beam_args = [*beam_args, *enable_filesystems(pipeline, beam_args)]  # before anything touches the root
     store = uri if isinstance(uri, MetadataStore) else MetadataStore(uri)
     use_cache = pipeline.enable_cache if enable_cache is None else enable_cache
     sweep_abandoned(store, pipeline.name)
@@ -362,8 +396,13 @@ def _record_busy_time(beam_result: Any, plans, store: MetadataStore, result: Run
 
 
 def _remove(uris) -> None:
+    """Delete each output directory with everything under it, locally or on an object store."""
     for uri in uris:
-        if FileSystems.exists(uri):
+        if remote_fs.is_remote(uri):
+            # An object store has no directories: exists() is False for a prefix, and deleting the bare
+            # name removes one object at most. `<uri>/` deletes every object under it (none is no error).
+            FileSystems.delete([uri.rstrip("/") + "/"])
+        elif FileSystems.exists(uri):
             FileSystems.delete([uri])
 
 

@@ -20,7 +20,7 @@ from ml_metadata import errors as mlmd_errors
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline import artifact_io
+from beam_pipeline import artifact_io, remote_fs
 from beam_pipeline.artifacts import ALL_TYPES, Artifact, ArtifactType
 from beam_pipeline.errors import MetadataError
 
@@ -72,6 +72,11 @@ def connection_config(uri: str) -> mlmd_pb2.ConnectionConfig:
             config.mysql.port = parsed.port or 3306
         return config
     path = uri[len("sqlite://") :] if uri.startswith("sqlite://") else uri
+    if "://" in path:  # made local, s3://b/m.sqlite would become a directory named `s3:` here
+        raise MetadataError(
+            f"ML Metadata URI {uri!r}: a SQLite store must be a local file path; for a shared store use "
+            "mysql://user:pw@host:3306/db"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     config.sqlite.filename_uri = path
     config.sqlite.connection_mode = mlmd_pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
@@ -429,6 +434,7 @@ class MetadataStore:
         atype = ALL_TYPES.get(type_name) or ArtifactType(type_name)
         props = {k: _decode(v.string_value) for k, v in proto.properties.items()}
         props.update({k: _decode(v.string_value) for k, v in proto.custom_properties.items()})
+        remote_fs.enable_for([proto.uri])  # whoever reads an artifact back opens its files next
         return Artifact(atype, proto.uri, props, proto.id)
 
     def get_artifacts(self, ids: Iterable[int]) -> list[Artifact]:

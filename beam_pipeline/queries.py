@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline import artifact_io
+from beam_pipeline import artifact_io, remote_fs
 from beam_pipeline.artifacts import (
     EXAMPLES,
     MODEL,
@@ -76,7 +76,7 @@ def open_store(store: MetadataStore | str) -> MetadataStore:
         return store
     if not store.startswith("mysql://"):
         path = store[len("sqlite://") :] if store.startswith("sqlite://") else store
-        if not os.path.isfile(path):
+        if "://" not in path and not os.path.isfile(path):  # a remote path: MetadataStore says what to pass
             raise MetadataError(f"no ML Metadata store at {path}: run a pipeline first, or pass --metadata-uri")
     return MetadataStore(store)
 
@@ -85,6 +85,12 @@ def store_uri(metadata_uri: str | None, pipeline_root: str | None) -> str:
     """The store a command means: an explicit URI, else `<pipeline root>/metadata.sqlite`."""
     if metadata_uri:
         return metadata_uri
+    if pipeline_root and remote_fs.is_remote(pipeline_root):
+        raise MetadataError(
+            f"pipeline root {pipeline_root} is on {remote_fs.scheme(pipeline_root)}://, where no SQLite store can "
+            "live: pass --metadata-uri (or BEAM_PIPELINE_METADATA_URI), the local SQLite path or mysql://... URI "
+            "the run recorded into"
+        )
     if pipeline_root:
         return os.path.join(os.path.abspath(pipeline_root), "metadata.sqlite")
     raise MetadataError(
@@ -699,12 +705,13 @@ class TensorBoardServer:
 
 def start_tensorboard(store: MetadataStore | str, model_ids: list[int], port: int | None = None) -> TensorBoardServer:
     """Serve the models' training logs: one model as --logdir, several side by side via --logdir_spec."""
+    import tensorflow as tf
     from tensorboard import program
 
     store = open_store(store)
     logdirs = {f"model_{mid}": model_run(store, mid).uri for mid in model_ids}
     for name, directory in logdirs.items():
-        if not os.path.isdir(directory):
+        if not tf.io.gfile.isdir(directory):  # an object-store prefix counts as a directory here
             raise MetadataError(f"{name}: its TensorBoard log directory {directory} no longer exists")
     # Port 0: the OS picks a free one while binding, so no other process can take it in between.
     argv = [None, "--host", "127.0.0.1", "--port", str(port or 0), "--load_fast", "false"]
