@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline import graph_drawing, queries
+from beam_pipeline import artifact_io, graph_drawing, queries
 from beam_pipeline.errors import BeamPipelineError, MetadataError
 from beam_pipeline.metadata import MetadataStore
 
@@ -87,9 +87,7 @@ class LineageGraph:
         if fmt not in ("png", "svg"):
             raise BeamPipelineError(f"lineage image {path!r}: use a .png or .svg file name")
         data = self.svg().encode() if fmt == "svg" else graph_drawing.png(*self.drawing())
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+        artifact_io.write_bytes_atomic(path, data)  # local or object store
         return path
 
 

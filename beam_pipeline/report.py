@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from beam_pipeline import graph_drawing, lineage, queries
+from beam_pipeline import artifact_io, graph_drawing, lineage, queries
 from beam_pipeline.artifacts import ANOMALIES, MODEL, MODEL_BLESSING, MODEL_EVALUATION, PUSHED_MODEL, SCHEMA, STATISTICS
 from beam_pipeline.errors import MetadataError
 from beam_pipeline.metadata import MetadataStore
@@ -68,9 +68,7 @@ def _render(template: str, out_path: str, **context: Any) -> str:
         .get_template(template)
         .render(generated=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), **context)
     )
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w", encoding="utf-8") as f:
-        f.write(html)
+    artifact_io.write_text_atomic(out_path, html)  # local or object store; a reader never sees half a page
     return out_path
 
 
@@ -230,7 +228,7 @@ def run_report_context(store: MetadataStore | str, pipeline_name: str, run_id: s
 def write_run_report(store: MetadataStore | str, pipeline_name: str, run_id: str, out_dir: str) -> str:
     """Write `<out_dir>/index.html` for one run; returns its path. The folder opens from disk as is."""
     context = run_report_context(store, pipeline_name, run_id)
-    return _render("run_report.html.j2", os.path.join(out_dir, REPORT_FILE), **context)
+    return _render("run_report.html.j2", artifact_io.join(out_dir, REPORT_FILE), **context)
 
 
 # -- model pages -------------------------------------------------------------------------------------
