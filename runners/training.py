@@ -7,9 +7,10 @@ Trainer therefore trains in a freshly spawned interpreter instead.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from beam_pipeline.errors import PipelineDefinitionError
@@ -68,11 +69,23 @@ def make_strategy(strategy: str, cpu_devices: int | None = None) -> Any:
     return tf.distribute.MirroredStrategy()
 
 
-def run_in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+def _reach(paths: Sequence[str]) -> None:
+    """Set up the spawned interpreter to open `paths` (object stores need it, see remote_fs.enable_for)."""
+    from beam_pipeline import remote_fs
+
+    remote_fs.enable_for(paths)
+    if remote_fs.used_s3():  # tensorflow-io would abort this process at exit: leave quietly once done
+        atexit.register(remote_fs.exit_now, 0)
+
+
+def run_in_fresh_process(fn: Callable[..., Any], *args: Any, paths: Sequence[str] = ()) -> Any:
     """Call fn(*args) in a newly spawned interpreter; its result or exception comes back here.
 
-    `fn` and `args` must be picklable by reference (module-level functions, plain data).
+    `fn` and `args` must be picklable by reference (module-level functions, plain data). `paths` are
+    the files and directories fn opens, so their filesystems (s3://, gs://) are reachable there too.
     """
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=1, mp_context=context, initializer=_reach, initargs=(list(paths),)
+    ) as pool:
         return pool.submit(fn, *args).result()

@@ -3,30 +3,26 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import linecache
 import os
-import shutil
 import sys
-import tempfile
 import types
 from collections.abc import Sequence
 
 from beam_pipeline.errors import UserModuleError
 
 
-def _local_copy(module_file: str) -> str:
-    """Modules on remote filesystems (gs://...) are copied locally so importlib can load them."""
-    if "://" not in module_file:
-        return module_file
-    import tensorflow as tf
+def _read_source(module_file: str, component: str) -> bytes:
+    """The module's bytes through Beam's FileSystems: a local path or a staged copy on an object store alike."""
+    from apache_beam.io.filesystems import FileSystems
 
-    if not tf.io.gfile.exists(module_file):
-        raise UserModuleError(f"user module file {module_file} does not exist")
-    local_dir = tempfile.mkdtemp(prefix="user_module_")
-    local = os.path.join(local_dir, os.path.basename(module_file))
-    with tf.io.gfile.GFile(module_file, "rb") as src, open(local, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return local
+    try:
+        with FileSystems.open(module_file, compression_type="uncompressed") as f:
+            return f.read()
+    except OSError as e:  # Beam raises BeamIOError (an IOError) for a missing file
+        if not FileSystems.exists(module_file):
+            raise UserModuleError(f"{component}: user module file {module_file} does not exist") from None
+        raise UserModuleError(f"{component}: user module file {module_file} cannot be read: {e}") from None
 
 
 def _pickle_by_value(module: types.ModuleType) -> None:
@@ -44,27 +40,31 @@ def _pickle_by_value(module: types.ModuleType) -> None:
 def load_module(module_file: str, required: Sequence[str], component: str) -> types.ModuleType:
     """Import `module_file` and check it defines callables named in `required`.
 
-    The module is registered in sys.modules under a name derived from its path and content, so two
-    different module files (or two versions of one) never shadow each other in one process.
+    The source is read and executed in memory, never copied to local disk, so a worker loads the
+    staged `<root>/_staged/...` copy from wherever the root lives. The module is registered in
+    sys.modules under a name derived from its path and content, so two different module files (or
+    two versions of one) never shadow each other in one process.
     """
     if not module_file:
         raise UserModuleError(f"{component}: module_file is required")
-    local = _local_copy(module_file)
-    if not os.path.isfile(local):
-        raise UserModuleError(f"{component}: user module file {module_file} does not exist")
-    with open(local, "rb") as f:
-        source = f.read()
-    digest = hashlib.sha1(os.path.abspath(module_file).encode() + b"\0" + source).hexdigest()[:16]
+    source = _read_source(module_file, component)
+    where = module_file if "://" in module_file else os.path.abspath(module_file)
+    digest = hashlib.sha1(where.encode() + b"\0" + source).hexdigest()[:16]
     name = f"user_module_{digest}"
     module = sys.modules.get(name)
     if module is None:
-        spec = importlib.util.spec_from_file_location(name, local)
-        if spec is None or spec.loader is None:
-            raise UserModuleError(f"{component}: {module_file} is not a Python module")
-        module = importlib.util.module_from_spec(spec)
+        try:
+            code = compile(source, where, "exec", dont_inherit=True)
+        except SyntaxError as e:
+            raise UserModuleError(f"{component}: importing {module_file} raised SyntaxError: {e}") from e
+        module = types.ModuleType(name)
+        module.__file__ = where
+        # Tracebacks show the user's lines even when the file is on an object store.
+        text = source.decode(errors="replace")
+        linecache.cache[where] = (len(text), None, text.splitlines(keepends=True), where)
         sys.modules[name] = module
         try:
-            spec.loader.exec_module(module)
+            exec(code, module.__dict__)
         except Exception as e:  # any error of the user's import is reported as theirs, with its type
             del sys.modules[name]
             raise UserModuleError(f"{component}: importing {module_file} raised {type(e).__name__}: {e}") from e

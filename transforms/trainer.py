@@ -170,12 +170,12 @@ def _train(
             f"{config.component_id}: examples at {examples.uri} have payload_format={payload!r}; "
             f"the Trainer reads {PAYLOAD_FORMAT} written by Transform(materialize=True)"
         )
-    if config.base_model and not FileSystems.exists(config.base_model):
+    # A file, not the directory: on an object store a directory is a prefix, which exists() never sees.
+    if config.base_model and not FileSystems.exists(artifact_io.join(config.base_model, "saved_model.pb")):
         raise InputDataError(f"{config.component_id}: warm-start model {config.base_model} no longer exists")
     serving_dir = artifact_io.join(config.model_uri, SERVING_DIR)
     for stale in (serving_dir, config.model_run_uri):  # left over by a failed attempt of this stage
-        if FileSystems.exists(stale):
-            FileSystems.delete([stale])
+        _remove_tree(stale)
     fn_args = FnArgs(
         train_files=[artifact_io.join(examples.split_uri(config.train_split), "*.gz")],
         eval_files=[artifact_io.join(examples.split_uri(config.eval_split), "*.gz")],
@@ -192,7 +192,13 @@ def _train(
     )
     if training.needs_fresh_process(config.strategy, config.cpu_devices):
         replicas = training.run_in_fresh_process(
-            run_user_fn, config.component_id, config.module_file, fn_args, config.strategy, config.cpu_devices
+            run_user_fn,
+            config.component_id,
+            config.module_file,
+            fn_args,
+            config.strategy,
+            config.cpu_devices,
+            paths=[config.module_file, config.model_uri, examples.uri, transform_graph.uri, config.base_model or ""],
         )
     else:
         replicas = run_user_fn(config.component_id, config.module_file, fn_args, config.strategy, config.cpu_devices)
@@ -208,6 +214,14 @@ def _train(
         "model": model_properties,
         "model_run": {"strategy": config.strategy, "num_replicas": replicas},
     }
+
+
+def _remove_tree(uri: str) -> None:
+    """Delete a directory and everything under it; tf.io.gfile treats an object-store prefix as one."""
+    import tensorflow as tf
+
+    if tf.io.gfile.exists(uri):
+        tf.io.gfile.rmtree(uri)
 
 
 def run_user_fn(component_id: str, module_file: str, fn_args: FnArgs, strategy: str, cpu_devices: int | None) -> int:

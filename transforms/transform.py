@@ -286,6 +286,9 @@ def _encode_examples(batch: pa.RecordBatch) -> list[bytes]:
 
 
 def _finish(_: Any, temp_dir: str, written: list[Any], counts: dict[str, int]) -> dict[str, int]:
-    if FileSystems.exists(temp_dir):
-        FileSystems.delete([temp_dir])
+    import tensorflow as tf
+
+    # tf.io.gfile sees an object-store prefix as a directory (Beam's FileSystems.exists does not).
+    if tf.io.gfile.exists(temp_dir):
+        tf.io.gfile.rmtree(temp_dir)
     return counts
