@@ -2,6 +2,8 @@
 
 Run with `beam-pipeline run examples/chicago_taxi/pipeline.py` and add any Beam option (e.g. --runner).
 Environment knobs: PIPELINE_ROOT, TAXI_DATA (a CSV path or glob), TAXI_TRAIN_STEPS, SERVING_MODEL_DIR.
+The root may be on an object store (`--pipeline-root s3://bucket/root`); ML Metadata then needs
+`--metadata-uri` (a local SQLite path or mysql://...), as SQLite cannot live there.
 """
 
 from __future__ import annotations
