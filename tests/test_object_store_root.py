@@ -17,9 +17,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from beam_pipeline import launcher, queries
+from beam_pipeline import Pipeline, launcher, queries
 from beam_pipeline.cli import main
-from beam_pipeline.errors import MetadataError
+from beam_pipeline.errors import MetadataError, UserModuleError
 from beam_pipeline.metadata import MetadataStore, connection_config
 from tests import _fixtures_metadata as fm
 
@@ -130,6 +130,47 @@ def test_a_fresh_training_process_loads_the_staged_module_from_s3(s3_bucket):
     staged = staging.stage(f"{s3_bucket}/root", fm.TAXI_MODULE)
     assert staged.startswith(f"{s3_bucket}/root/_staged/")
     assert training.run_in_fresh_process(_staged_run_fn_name, staged, paths=[staged]) == "run_fn"
+
+
+# -- a failure leaves nothing on S3 ----------------------------------------------------------------------
+FAILING_RUN_FN = """
+
+def run_fn(fn_args):  # replaces the example's: writes part of its outputs, then fails
+    tf.io.gfile.makedirs(fn_args.model_run_dir)
+    with tf.io.gfile.GFile(fn_args.model_run_dir + "/partial.txt", "w") as f:
+        f.write("half")
+    with tf.io.gfile.GFile(fn_args.serving_model_dir + "/saved_model.pb", "w") as f:
+        f.write("half")
+    raise RuntimeError("the trainer broke after writing")
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_component_leaves_no_objects_on_s3(s3_server, s3_bucket, tmp_path):
+    module = fm.write_module(str(tmp_path / "taxi_utils.py"))
+    with open(module, "a") as f:
+        f.write(FAILING_RUN_FN)
+    data = fm.sample_csv(str(tmp_path / "data.csv"), rows=600)
+    example = fm._example_module().create_pipeline(
+        pipeline_root=f"{s3_bucket}/root", data_path=data, module_file=module, serving_model_dir=str(tmp_path / "s")
+    )
+    upstream = example.components[:6]
+    assert [c.id for c in upstream][-1] == "Trainer"
+    store = str(tmp_path / "metadata.sqlite")
+    with pytest.raises(UserModuleError, match="the trainer broke after writing"):
+        launcher.run(Pipeline(example.name, example.root, upstream), fm.BEAM_ARGS, metadata_uri=store)
+    [run_id] = list(queries.runs(store, "chicago_taxi")["run_id"])
+    executions = queries.run_executions(store, "chicago_taxi", run_id)
+    states = dict(zip(executions["component_id"], executions["state"], strict=True))
+    # The job stops at the failure, so a component it had not committed yet (ExampleValidator, say) fails too.
+    assert states["Trainer"] == "FAILED" and states["Transform"] == "COMPLETE", states
+    keys = _keys(s3_server, s3_bucket)
+    for component, state in states.items():
+        left = [k for k in keys if k.startswith(f"root/{component}/")]
+        if state == "FAILED":
+            assert not left, f"the failed {component}'s objects are still there: {left}"
+        else:
+            assert any(k.endswith("/_ARTIFACT.json") for k in left), f"committed {component} lost its files"
 
 
 # -- the whole pipeline ----------------------------------------------------------------------------------
