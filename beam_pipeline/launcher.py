@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 import re
 import threading
 import time
@@ -31,7 +32,7 @@ from beam_pipeline import artifact_io, caching, remote_fs, staging
 from beam_pipeline.artifacts import Artifact
 from beam_pipeline.compiler import ComponentPlan, build_graph
 from beam_pipeline.dsl import Pipeline
-from beam_pipeline.errors import BeamPipelineError, MetadataError, PipelineRunError
+from beam_pipeline.errors import BeamPipelineError, MetadataError, PipelineDefinitionError, PipelineRunError
 from beam_pipeline.metadata import HEARTBEAT_INTERVAL_S, MetadataStore
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,28 @@ def _paths(value: Any) -> list[str]:
     return []
 
 
+def check_paths_reach_workers(pipeline: Pipeline, beam_args: Sequence[str]) -> None:
+    """Refuse local paths the workers must read when they share no disk with this process (module files
+    are fine: they are staged under the root)."""
+    from runners.options import NO_SHARED_DISK
+
+    if not any(NO_SHARED_DISK in a for a in beam_args if a.startswith("--experiments")):
+        return
+    local = [] if remote_fs.is_remote(pipeline.root) else [f"pipeline root {pipeline.root}"]
+    for c in pipeline.ordered:
+        for name, value in c.params.items():
+            if name.endswith("module_file"):
+                continue
+            local += [f"{c.id}.{name} {p}" for p in _paths(value) if not remote_fs.is_remote(p) and os.path.exists(p)]
+    if local:
+        raise PipelineDefinitionError(
+            "the runner's SDK workers share no disk with this machine, so they cannot read "
+            + ", ".join(local)
+            + ": put them on an object store (s3://..., gs://...), or for a local run let the workers share "
+            "this disk with BEAM_PIPELINE_ISOLATE_WORKERS=0"
+        )
+
+
 def enable_filesystems(pipeline: Pipeline, beam_args: Sequence[str]) -> list[str]:
     """Make the root's and every input's filesystem reachable here; the Beam args SDK workers need too.
 
@@ -127,6 +150,7 @@ def compile_run(
 ) -> CompiledRun:
     """Plan (cache lookups, resolution), register executions and build the Beam graph; runs nothing."""
     uri = metadata_uri_for(pipeline, metadata_uri)
+    check_paths_reach_workers(pipeline, beam_args)
     beam_args = [*beam_args, *enable_filesystems(pipeline, beam_args)]  # before anything touches the root
     store = uri if isinstance(uri, MetadataStore) else MetadataStore(uri)
     use_cache = pipeline.enable_cache if enable_cache is None else enable_cache

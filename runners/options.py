@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Added to the Beam args when the SDK workers cannot see this machine's disk (isolated portable-local):
+# the launcher then refuses local paths they would have to read.
+NO_SHARED_DISK = "beam_pipeline_workers_share_no_disk"
+
 PRESETS: dict[str, list[str]] = {
     # Beam's in-process FnApiRunner: what DirectRunner runs batch pipelines on, without DirectRunner's
     # first attempt to download and start the Prism binary (see in_process_runner).
@@ -102,6 +106,7 @@ def local_portable_services(*, workers: int = DEFAULT_WORKERS, isolate: bool | N
             "--environment_type=EXTERNAL",
             f"--environment_config=localhost:{ports['pool_port']}",
             f"--sdk_worker_parallelism={workers}",
+            *([f"--experiments={NO_SHARED_DISK}"] if isolated is not None else []),
         ]
         failed = False
     finally:

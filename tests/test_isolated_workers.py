@@ -200,3 +200,28 @@ def test_example_gen_and_statistics_gen_on_isolated_workers_with_the_root_on_s3(
     from beam_pipeline import queries
 
     assert set(queries.read_statistics(statistics)) == {"train", "eval"}
+
+
+def test_local_paths_the_isolated_workers_would_read_are_refused_before_anything_runs(tmp_path, taxi_small_csv):
+    from beam_pipeline import Pipeline, launcher
+    from beam_pipeline.errors import PipelineDefinitionError
+    from runners.options import NO_SHARED_DISK
+    from transforms.example_gen import ExampleGen
+
+    args = [f"--experiments={NO_SHARED_DISK}"]
+    root = tmp_path / "root"
+    with pytest.raises(PipelineDefinitionError) as refused:
+        launcher.run(Pipeline("local", str(root), [ExampleGen(input_base=taxi_small_csv)]), args)
+    message = str(refused.value)
+    assert f"pipeline root {root}" in message and f"ExampleGen.input_base {taxi_small_csv}" in message
+    assert "s3://" in message and isolation.ENV in message
+    assert not root.exists()  # refused before the launcher created anything
+
+
+def test_an_input_a_worker_cannot_see_is_named_in_the_error(tmp_path):
+    from beam_pipeline.errors import InputDataError
+    from transforms._input_files import file_size
+
+    missing = str(tmp_path / "on-the-driver-only.csv")
+    with pytest.raises(InputDataError, match=r"on-the-driver-only\.csv is not visible on .*s3://"):
+        file_size(missing)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import io
+import os
+import socket
 from collections.abc import Sequence
 from typing import BinaryIO
 
@@ -63,7 +65,14 @@ def open_data(path: str) -> BinaryIO:
 
 def file_size(path: str) -> int:
     """Size in bytes of the file as stored (compressed, if it is)."""
-    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    found = FileSystems.match([path])[0].metadata_list
+    if not found:
+        raise InputDataError(
+            f"input file {path} is not visible on {socket.gethostname()} (pid {os.getpid()}), where this part of "
+            "the job runs: on a cluster the input must be on a filesystem every worker reaches (s3://, gs://), "
+            "not the driver's local disk"
+        )
+    return found[0].size_in_bytes
 
 
 def read_range(path: str, start: int, length: int) -> bytes:
