@@ -101,15 +101,19 @@ _ARROW_TYPES = {tf.float32: pa.float32(), tf.int64: pa.int64(), tf.string: pa.st
 
 @pytest.fixture(scope="module")
 def columns(workspace, version_1) -> dict[str, np.ndarray]:
-    """The first rows of the pipeline's CSV as serving_default takes them, missing values included.
+    return raw_columns(str(workspace.data), version_1, ROWS)
+
+
+def raw_columns(data: str, model: Any, rows: int) -> dict[str, np.ndarray]:
+    """The first rows of a taxi CSV as the model's serving_default takes them, missing values included.
 
     Types come from the signature; missing values follow its convention: NaN for floats, -1 for
     integers, "" for strings.
     """
-    specs = version_1.signatures["serving_default"].structured_input_signature[1]
+    specs = model.signatures["serving_default"].structured_input_signature[1]
     types = {name: _ARROW_TYPES[spec.dtype] for name, spec in specs.items()}
     options = pcsv.ConvertOptions(column_types=types, include_columns=list(specs))
-    table = pcsv.read_csv(workspace.data, convert_options=options).slice(0, ROWS)
+    table = pcsv.read_csv(data, convert_options=options).slice(0, rows)
     out = {}
     for name, spec in specs.items():
         column = table[name]
