@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -163,8 +164,8 @@ def test_the_model_pushed_to_s3_is_served_from_s3(runs, taxi_small_csv, tmp_path
     assert np.allclose(np.array(answer.json()["predictions"]).reshape(-1), expected, atol=1e-6)
 
 
-def _sdk_workers() -> list[int]:
-    """Pids of this test's SDK worker processes (descendants running Beam's sdk_worker_main)."""
+def _sdk_workers(tag: str) -> list[int]:
+    """Pids of the SDK worker processes whose environment carries `tag` (this run's, not another suite's)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -173,7 +174,7 @@ def _sdk_workers() -> list[int]:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmdline = f.read()
             with open(f"/proc/{entry}/environ", "rb") as f:
-                tagged = b"BP_KILL_TEST=1" in f.read()
+                tagged = f"BP_KILL_TEST={tag}".encode() in f.read().split(b"\0")
         except OSError:
             continue
         if b"sdk_worker_main" in cmdline and tagged:
@@ -202,9 +203,10 @@ def test_an_sdk_worker_killed_mid_job_publishes_nothing_half_written(tmp_path, t
     bucket = s3_server.new_bucket()
     s3_server.client().upload_file(taxi_small_csv, bucket[5:], "data/data.csv")
     metadata = str(tmp_path / "metadata.sqlite")
+    tag = uuid.uuid4().hex
     env = dict(
         os.environ,
-        BP_KILL_TEST="1",
+        BP_KILL_TEST=tag,
         TAXI_DATA=f"{bucket}/data/data.csv",
         TAXI_TRAIN_STEPS="400",
         SERVING_MODEL_DIR=f"{bucket}/serving",
@@ -225,7 +227,7 @@ def test_an_sdk_worker_killed_mid_job_publishes_nothing_half_written(tmp_path, t
     run = subprocess.Popen(command, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         _wait_for(lambda: _running(metadata, "Trainer"), "the Trainer to be RUNNING")
-        workers = _wait_for(_sdk_workers, "an SDK worker process")
+        workers = _wait_for(lambda: _sdk_workers(tag), "an SDK worker process")
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
         output, _ = run.communicate(timeout=900)
