@@ -115,10 +115,10 @@ def fingerprint_tree(uri: str, files: list[FileMetadata] | None = None) -> str:
     files = payload_files(uri) if files is None else files
     h = hashlib.blake2b(digest_size=16)
     if remote_fs.is_remote(uri):
-        checksums = fingerprints.store_checksums([m.path for m in files])
+        stored = fingerprints.file_fingerprints(files)  # size and the store's checksum, from the listing
         for m in files:
             h.update(m.path[len(uri) :].encode())
-            h.update(f"{m.size_in_bytes}:{checksums[m.path]}".encode())
+            h.update(stored[m.path].encode())
         return h.hexdigest()
     for m in files:
         h.update(m.path[len(uri) :].encode())

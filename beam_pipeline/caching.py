@@ -35,14 +35,6 @@ _LIBRARIES = (
 )
 
 
-def file_fingerprint(path: str) -> str:
-    """A file's content fingerprint (content, not mtime: touching a file does not invalidate the cache).
-
-    Reads no byte of a file that did not change: see `fingerprints`.
-    """
-    return fingerprints.file_fingerprint(path)
-
-
 @functools.cache
 def library_versions() -> dict[str, str]:
     """Installed versions of the libraries that compute outputs; part of every key."""
@@ -113,4 +105,4 @@ def cache_key(
 
 def module_digests(component: Component) -> dict[str, str]:
     """Content digest of each file the component loads, by path."""
-    return {m: file_fingerprint(m) for m in component.module_files()}
+    return {m: fingerprints.file_fingerprint(m) for m in component.module_files()}

@@ -30,7 +30,7 @@ from google.protobuf import json_format
 from tensorflow_model_analysis.proto import metrics_for_slice_pb2, validation_result_pb2
 from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
 
-from beam_pipeline import artifact_io, caching
+from beam_pipeline import artifact_io, fingerprints
 from beam_pipeline.artifacts import EXAMPLES, MODEL, MODEL_BLESSING, MODEL_EVALUATION, PUSHED_MODEL, Artifact
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import InputDataError, MetadataError, PipelineDefinitionError
@@ -211,7 +211,7 @@ class Evaluator(Component):
         """
         if not self.params["data_path"]:
             return ""
-        return json.dumps({path: caching.file_fingerprint(path) for path in self.data_files()}, sort_keys=True)
+        return json.dumps({path: fingerprints.file_fingerprint(path) for path in self.data_files()}, sort_keys=True)
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         examples = input_static.get("examples", {})
