@@ -54,23 +54,57 @@ class IsolationError(RunnerConfigError):
 
 @dataclasses.dataclass(frozen=True)
 class Isolation:
-    """How to start a process in its own mount namespace; `hidden` are the directories covered there."""
+    """How to start a process in its own mount namespace; `hidden` are the directories covered there,
+    `rebind` the kept directories under a private one (a venv in /tmp), shown again on top of it."""
 
     unshare: tuple[str, ...]
     hidden: tuple[str, ...] = ()
+    rebind: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.rebind) > len(_REBIND_FDS):
+            raise IsolationError(
+                f"{len(self.rebind)} directories the workers need are under {', '.join(PRIVATE_DIRS)} "
+                f"({', '.join(self.rebind)}); at most {len(_REBIND_FDS)} can be shown there: move the venv "
+                f"or the checkout out of them, or set {ENV}=0"
+            )
 
     def command(self, argv: Sequence[str], workdir: str) -> list[str]:
         """`argv` run in a new private mount namespace, with a fresh /tmp and `workdir` (a name) in it as cwd."""
         if "/" in workdir or workdir in ("", ".", ".."):
             raise ValueError(f"workdir {workdir!r}: expected a plain directory name")
-        steps = ["set -e"] + [f"mount -t tmpfs -o mode=1777 beam-private {d}" for d in PRIVATE_DIRS if os.path.isdir(d)]
+        rebind = list(zip(_REBIND_FDS, self.rebind, strict=False))
+        # Kept directories under a private one are opened before it is covered, then bound back from the
+        # open descriptor (mount would canonicalize a path, which then names the new, empty directory).
+        steps = ["set -e"] + [f"exec {fd}<{shlex.quote(p)}" for fd, p in rebind]
+        steps += [f"mount -t tmpfs -o mode=1777 beam-private {d}" for d in PRIVATE_DIRS if os.path.isdir(d)]
+        for fd, p in rebind:
+            steps += [f"mkdir -p {shlex.quote(p)}", f"mount --no-canonicalize --bind /proc/$$/fd/{fd} {shlex.quote(p)}"]
+            steps.append(f"exec {fd}<&-")
         steps += [f"mount -t tmpfs -o ro,mode=0755 beam-hidden {shlex.quote(p)}" for p in self.hidden]
         steps += [f"mkdir -p /tmp/{workdir}", f"cd /tmp/{workdir}", 'exec "$@"']
         return [*self.unshare, "--", "/bin/sh", "-c", "; ".join(steps), "sh", *argv]
 
     def nested(self) -> Isolation:
         """Another namespace inside this one (it inherits the hidden directories), with its own /tmp."""
-        return Isolation(self.unshare)
+        return Isolation(self.unshare, rebind=self.rebind)
+
+
+# Descriptors /bin/sh can redirect by number (a single digit), past stdin, stdout and stderr.
+_REBIND_FDS = tuple(range(3, 10))
+
+
+def for_workers(unshare: Sequence[str]) -> Isolation:
+    """The isolation of an SDK worker started from inside an isolated process (the job service)."""
+    return Isolation(tuple(unshare), rebind=tuple(rebinds(keep_paths())))
+
+
+def rebinds(keep: Iterable[str], private: Iterable[str] = PRIVATE_DIRS) -> list[str]:
+    """The kept directories that a private directory's fresh tmpfs would hide, outermost only."""
+    private = [os.path.realpath(p) for p in private]
+    under = sorted({os.path.realpath(k) for k in keep if any(_under(os.path.realpath(k), p) for p in private)})
+    under = [k for k in under if os.path.isdir(k) and k not in private]
+    return [k for k in under if not any(k != q and _under(k, q) for q in under)]
 
 
 def requested(isolate: bool | None = None) -> bool:
@@ -94,7 +128,8 @@ def decide(isolate: bool | None = None) -> Isolation | None:
             )
         log.warning("SDK workers are NOT isolated and share the driver's disk: %s (set %s=0 to silence)", reason, ENV)
         return None
-    return Isolation(tuple(unshare), tuple(paths_to_hide(keep_paths(), os.getcwd(), _checkout_root())))
+    keep = keep_paths()
+    return Isolation(tuple(unshare), tuple(paths_to_hide(keep, os.getcwd(), _checkout_root())), tuple(rebinds(keep)))
 
 
 def probe() -> tuple[list[str] | None, str]:

@@ -44,7 +44,7 @@ from apache_beam.runners.worker import worker_pool_main
 from apache_beam.utils import thread_pool_executor
 from google.protobuf import json_format, text_format
 
-from runners.isolation import Isolation
+from runners.isolation import Isolation, for_workers
 
 log = logging.getLogger(__name__)
 PROVISION_TIMEOUT_S = 60
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    isolation = Isolation(tuple(shlex.split(args.isolate_workers))) if args.isolate_workers else None
+    isolation = for_workers(shlex.split(args.isolate_workers)) if args.isolate_workers else None
 
     jobs = local_job_service.LocalJobServicer(beam_job_type=ParallelJob)
     job_port = jobs.start_grpc_server(0)

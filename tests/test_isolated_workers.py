@@ -134,7 +134,8 @@ def test_without_isolation_the_same_probe_sees_the_driver_files(s3_bucket, drive
 
 
 def test_the_checkout_is_hidden_around_the_interpreter_and_the_packages():
-    hidden = isolation.paths_to_hide(isolation.keep_paths(), ROOT, ROOT)
+    # private=(): what covers the checkout wherever it is (under /tmp the private /tmp hides it whole).
+    hidden = isolation.paths_to_hide(isolation.keep_paths(), ROOT, ROOT, private=())
     assert os.path.join(ROOT, "examples") in hidden and os.path.join(ROOT, "tests") in hidden
     for needed in (os.path.join(ROOT, name) for name in isolation.PACKAGES):
         assert not any(needed == h or needed.startswith(h + "/") for h in hidden), needed
@@ -156,6 +157,30 @@ def test_paths_to_hide_covers_directories_around_what_is_kept(tmp_path):
     assert isolation.paths_to_hide(keep, str(cwd), str(checkout), private=(str(tmp_path),)) == []
     # System directories are never covered, whatever the working directory.
     assert isolation.paths_to_hide(keep, "/usr/lib", str(checkout), private=()) == hidden[:-1]
+
+
+def test_kept_directories_under_the_private_tmp_are_shown_again_to_workers_too(tmp_path):
+    """A venv or checkout under /tmp: the private /tmp would hide the interpreter the workers need."""
+    import subprocess
+
+    from tests.helpers import require
+
+    unshare, reason = isolation.probe()
+    require(unshare, f"a private mount namespace ({reason})")
+    keep, drop = tmp_path / "venv", tmp_path / "checkout-data"
+    (keep / "lib").mkdir(parents=True)
+    (keep / "lib" / "module.py").write_text("kept")
+    drop.mkdir()
+    (drop / "secret").write_text("hidden")
+    rebind = isolation.rebinds([str(keep), str(keep / "lib"), "/usr/lib"], private=[str(tmp_path.parent)])
+    assert rebind == [str(keep)], "only what is under a private directory, outermost only"
+    outer = isolation.Isolation(tuple(unshare), rebind=tuple(rebind))
+    look = ["sh", "-c", f"cat {keep}/lib/module.py; echo; test ! -e {drop}/secret && echo dropped"]
+    for command in (outer.command(look, "w"), outer.command(outer.nested().command(look, "w2"), "w1")):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout.split()) == (0, ["kept", "dropped"]), done.stderr
+    with pytest.raises(isolation.IsolationError, match="at most 7 can be shown"):
+        isolation.Isolation(tuple(unshare), rebind=tuple(f"/tmp/d{i}" for i in range(8)))
 
 
 def test_isolation_that_cannot_be_had_fails_in_ci_and_warns_elsewhere(monkeypatch, tmp_path, caplog):
