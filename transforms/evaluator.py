@@ -19,7 +19,7 @@ a model.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -27,7 +27,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import tensorflow_model_analysis as tfma
 from google.protobuf import json_format
-from tensorflow_model_analysis.proto import metrics_for_slice_pb2, validation_result_pb2
 from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
 
 from beam_pipeline import artifact_io, fingerprints
@@ -35,121 +34,21 @@ from beam_pipeline.artifacts import EXAMPLES, MODEL, MODEL_BLESSING, MODEL_EVALU
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import InputDataError, MetadataError, PipelineDefinitionError
 from transforms import _example_io as io_
+from transforms._blessing import BLESSED_FILE, NOT_BLESSED_FILE, VALIDATION_FILE, Judge
+from transforms.eval_config import binary_classification_eval_config, candidate_config, parse_eval_config
+
+__all__ = [
+    "BLESSED_FILE",
+    "NOT_BLESSED_FILE",
+    "VALIDATION_FILE",
+    "Evaluator",
+    "binary_classification_eval_config",
+    "parse_eval_config",
+]
 
 SERVING_MODEL_DIR = "Format-Serving"
-BLESSED_FILE = "BLESSED"
-NOT_BLESSED_FILE = "NOT_BLESSED"
-VALIDATION_FILE = "validation.json"
 # TFMA runs the model once per batch; ExampleGen batches can be whole file blocks.
 MAX_BATCH_ROWS = 2048
-_LOWER_IS_BETTER = {"binary_crossentropy"}
-
-
-def binary_classification_eval_config(
-    label_key: str,
-    *,
-    slice_features: Sequence[str] = (),
-    lower_bounds: Mapping[str, float] | None = None,
-    upper_bounds: Mapping[str, float] | None = None,
-    max_regression: Mapping[str, float] | None = None,
-    signature_name: str = "from_examples",
-    preprocessing_function_names: Sequence[str] = ("transform_features",),
-) -> tfma.EvalConfig:
-    """The metrics a binary classifier is judged on, overall and per value of each slice feature.
-
-    Metrics: example_count, binary_accuracy, auc, auc_pr, calibration (+ calibration plot) and
-    binary_crossentropy. `lower_bounds`/`upper_bounds` are value thresholds by metric name;
-    `max_regression` is how much worse than the baseline a metric may get (0 = no regression),
-    in the metric's own better direction (lower for binary_crossentropy, higher for the others).
-    """
-    metrics = {
-        "example_count": tfma.MetricConfig(class_name="ExampleCount"),
-        "binary_accuracy": tfma.MetricConfig(class_name="BinaryAccuracy"),
-        "auc": tfma.MetricConfig(class_name="AUC"),
-        "auc_pr": tfma.MetricConfig(class_name="AUC", config=json.dumps({"curve": "PR", "name": "auc_pr"})),
-        "calibration": tfma.MetricConfig(class_name="Calibration"),
-        "binary_crossentropy": tfma.MetricConfig(class_name="BinaryCrossentropy"),
-    }
-    lower_bounds, upper_bounds, max_regression = lower_bounds or {}, upper_bounds or {}, max_regression or {}
-    unknown = sorted((set(lower_bounds) | set(upper_bounds) | set(max_regression)) - set(metrics))
-    if unknown:
-        raise PipelineDefinitionError(f"thresholds for unknown metrics {unknown}; metrics are {sorted(metrics)}")
-    if "calibration" in max_regression:
-        raise PipelineDefinitionError("calibration has no better direction (1.0 is best): use lower/upper bounds")
-    for name, config in metrics.items():
-        if name in lower_bounds or name in upper_bounds:
-            bounds = config.threshold.value_threshold
-            if name in lower_bounds:
-                bounds.lower_bound.value = lower_bounds[name]
-            if name in upper_bounds:
-                bounds.upper_bound.value = upper_bounds[name]
-        if name in max_regression:
-            tolerance = max_regression[name]
-            if tolerance < 0:
-                raise PipelineDefinitionError(f"max_regression[{name!r}] = {tolerance}: must be >= 0")
-            change = config.threshold.change_threshold
-            if name in _LOWER_IS_BETTER:
-                change.direction = tfma.MetricDirection.LOWER_IS_BETTER
-                change.absolute.value = tolerance
-            else:
-                change.direction = tfma.MetricDirection.HIGHER_IS_BETTER
-                change.absolute.value = 0.0 - tolerance  # not -0.0, which reads oddly in reasons
-    return tfma.EvalConfig(
-        model_specs=[
-            tfma.ModelSpec(
-                signature_name=signature_name,
-                preprocessing_function_names=list(preprocessing_function_names),
-                label_key=label_key,
-            )
-        ],
-        slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[f]) for f in slice_features],
-        metrics_specs=[tfma.MetricsSpec(metrics=[*metrics.values(), tfma.MetricConfig(class_name="CalibrationPlot")])],
-    )
-
-
-def parse_eval_config(value: tfma.EvalConfig | Mapping[str, Any] | str) -> tfma.EvalConfig:
-    """An EvalConfig from the proto itself, its JSON text or its JSON dict."""
-    config = tfma.EvalConfig()
-    try:
-        if isinstance(value, tfma.EvalConfig):
-            config.CopyFrom(value)
-        elif isinstance(value, str):
-            json_format.Parse(value, config)
-        elif isinstance(value, Mapping):
-            json_format.ParseDict(dict(value), config)
-        else:
-            raise PipelineDefinitionError(
-                f"eval_config must be a tfma.EvalConfig, JSON or dict, got {type(value).__name__}"
-            )
-    except json_format.ParseError as e:
-        raise PipelineDefinitionError(f"eval_config is not a valid tfma.EvalConfig: {e}") from None
-    return config
-
-
-def _candidate_config(config: tfma.EvalConfig) -> tfma.EvalConfig:
-    """Check the user's config and fill the defaults that keep model loading out of graph construction."""
-    if len(config.model_specs) > 1 or any(s.is_baseline for s in config.model_specs):
-        raise PipelineDefinitionError(
-            "eval_config must have one ModelSpec (the candidate); the baseline is the latest blessed model"
-        )
-    if not config.model_specs:
-        config.model_specs.add()
-    spec = config.model_specs[0]
-    if not spec.label_key and not spec.label_keys:
-        raise PipelineDefinitionError(
-            "eval_config.model_specs[0].label_key is required (the transformed label, e.g. 'tips_xf')"
-        )
-    spec.name = ""
-    spec.signature_name = spec.signature_name or "from_examples"
-    # An explicit type stops TFMA from trying to load the model to guess it.
-    spec.model_type = spec.model_type or tfma.TF_GENERIC
-    if spec.model_type == tfma.TF_KERAS and not config.options.HasField("include_default_metrics"):
-        # Keras default metrics are read from the loaded model while the graph is built.
-        config.options.include_default_metrics.value = False
-    if not config.metrics_specs:
-        raise PipelineDefinitionError("eval_config has no metrics_specs: nothing to evaluate")
-    tfma.utils.verify_eval_config(config)
-    return config
 
 
 class Evaluator(Component):
@@ -175,7 +74,7 @@ class Evaluator(Component):
         data_path: str | None = None,
         component_id: str | None = None,
     ):
-        config = _candidate_config(parse_eval_config(eval_config))
+        config = candidate_config(parse_eval_config(eval_config))
         super().__init__(
             inputs={"examples": examples, "model": model},
             params={
@@ -300,7 +199,7 @@ class Evaluator(Component):
             "evaluation", files_written | "EvaluationProperties" >> beam.Map(lambda _: {"evaluated_on": evaluated_on})
         )
 
-        judge = _Judge(
+        judge = Judge(
             evaluation_uri=evaluation_uri,
             blessing_uri=ctx.output_uri("blessing"),
             baseline_uri=baseline.uri if baseline else None,
@@ -415,132 +314,3 @@ def _pcollections(value: Any) -> Iterator[beam.PCollection]:
     elif isinstance(value, Mapping):
         for v in value.values():
             yield from _pcollections(v)
-
-
-# -- judging -----------------------------------------------------------------------------------------
-def _slice_name(slice_key: metrics_for_slice_pb2.SliceKey) -> str:
-    return tfma.slicer.stringify_slice_key(tfma.slicer.deserialize_slice_key(slice_key))
-
-
-def _describe_threshold(threshold: tfma.MetricThreshold) -> str:
-    if threshold.HasField("value_threshold"):
-        bounds = threshold.value_threshold
-        parts = []
-        if bounds.HasField("lower_bound"):
-            parts.append(f">= {bounds.lower_bound.value:g}")
-        if bounds.HasField("upper_bound"):
-            parts.append(f"<= {bounds.upper_bound.value:g}")
-        return "required " + " and ".join(parts)
-    change = threshold.change_threshold
-    op = "<=" if change.direction == tfma.MetricDirection.LOWER_IS_BETTER else ">="
-    parts = []
-    if change.HasField("absolute"):
-        parts.append(f"change {op} {change.absolute.value:g}")
-    if change.HasField("relative"):
-        parts.append(f"relative change {op} {change.relative.value:g}")
-    return "required " + " and ".join(parts)
-
-
-def _metric_values(evaluation_uri: str) -> dict[tuple[bytes, bytes], float]:
-    values = {}
-    for per_slice in tfma.load_metrics(evaluation_uri):
-        slice_bytes = per_slice.slice_key.SerializeToString(deterministic=True)
-        for kv in per_slice.metric_keys_and_values:
-            if kv.value.HasField("double_value"):
-                values[slice_bytes, kv.key.SerializeToString(deterministic=True)] = kv.value.double_value.value
-    return values
-
-
-def _reasons(result: validation_result_pb2.ValidationResult, evaluation_uri: str) -> list[dict[str, Any]]:
-    """One dict per failed check: slice, metric, value(s), threshold and a sentence saying it."""
-    values = _metric_values(evaluation_uri) if result.metric_validations_per_slice else {}
-    reasons = []
-    for per_slice in result.metric_validations_per_slice:
-        slice_name = _slice_name(per_slice.slice_key)
-        slice_bytes = per_slice.slice_key.SerializeToString(deterministic=True)
-        for failure in per_slice.failures:
-            key = failure.metric_key
-            value_key = metrics_for_slice_pb2.MetricKey()
-            value_key.CopyFrom(key)
-            value_key.ClearField("is_diff")
-            candidate = values.get((slice_bytes, value_key.SerializeToString(deterministic=True)))
-            reason: dict[str, Any] = {
-                "slice": slice_name,
-                "metric": key.name,
-                "value": candidate,
-                "threshold": json_format.MessageToDict(failure.metric_threshold),
-            }
-            threshold_text = _describe_threshold(failure.metric_threshold)
-            if failure.message == "Metric not found.":
-                text = f"{key.name} on slice {slice_name}: not computed; {threshold_text}"
-            elif key.is_diff:
-                value_key.model_name = tfma.BASELINE_KEY
-                baseline = values.get((slice_bytes, value_key.SerializeToString(deterministic=True)))
-                change = failure.metric_value.double_value.value
-                reason.update(baseline_value=baseline, change=change)
-                text = (
-                    f"{key.name} on slice {slice_name}: {_fmt(candidate)} vs baseline {_fmt(baseline)} "
-                    f"(change {change:+.4g}); {threshold_text}"
-                )
-            else:
-                value = failure.metric_value.double_value.value
-                reason["value"] = value
-                text = f"{key.name} on slice {slice_name}: {value:.4g}; {threshold_text}"
-            reason["message"] = text
-            reasons.append(reason)
-    for spec in result.missing_slices:
-        spec_text = json.dumps(json_format.MessageToDict(spec)) if spec.ByteSize() else "Overall"
-        text = f"slice {spec_text} has no examples, so its thresholds were not checked"
-        reasons.append({"slice": spec_text, "message": text})
-    return reasons
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
-
-
-class _Judge:
-    """Turn TFMA's validation result into the blessing files and properties."""
-
-    def __init__(self, *, evaluation_uri: str, blessing_uri: str, baseline_uri: str | None, has_thresholds: bool):
-        self.evaluation_uri = evaluation_uri
-        self.blessing_uri = blessing_uri
-        self.baseline_uri = baseline_uri
-        self.has_thresholds = has_thresholds
-
-    def __call__(self, _files_written: int, model: Artifact) -> dict[str, Any]:
-        result = tfma.load_validation_result(self.evaluation_uri)
-        reasons = _reasons(result, self.evaluation_uri)
-        blessed = bool(result.validation_ok) and self.has_thresholds
-        if not self.has_thresholds:
-            reasons.append({"message": "eval_config has no thresholds: a model is only blessed against thresholds"})
-        if blessed:
-            summary = "blessed: every threshold is met"
-            if self.baseline_uri is None:
-                summary += " (no blessed baseline yet: change thresholds were not applied)"
-            else:
-                summary += f" (baseline {self.baseline_uri})"
-        else:
-            summary = f"not blessed: {len(reasons)} check(s) failed: " + "; ".join(r["message"] for r in reasons[:5])
-            if len(reasons) > 5:
-                summary += f"; and {len(reasons) - 5} more (see {VALIDATION_FILE})"
-        report = {
-            "blessed": blessed,
-            "summary": summary,
-            "reasons": reasons,
-            "model_uri": model.uri,
-            "baseline_model_uri": self.baseline_uri,
-            "rubber_stamp": bool(result.rubber_stamp),
-            "validation_ok": bool(result.validation_ok),
-        }
-        marker = BLESSED_FILE if blessed else NOT_BLESSED_FILE
-        artifact_io.write_text(
-            artifact_io.join(self.blessing_uri, marker), "\n".join([summary, *(r["message"] for r in reasons)]) + "\n"
-        )
-        artifact_io.write_text(
-            artifact_io.join(self.blessing_uri, VALIDATION_FILE), json.dumps(report, indent=2, sort_keys=True)
-        )
-        properties = {"blessed": int(blessed), "model_uri": model.uri, "blessing_message": summary}
-        if self.baseline_uri:
-            properties["baseline_model_uri"] = self.baseline_uri
-        return properties
