@@ -17,11 +17,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.artifacts import ArtifactType
 from beam_pipeline.errors import PipelineDefinitionError
 
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+# Under the pipeline root: one directory per run for files its workers exchange; the run removes it.
+SCRATCH_DIR = "_scratch"
+
+
+def scratch_root(pipeline_root: str, run_id: str) -> str:
+    """The run's scratch directory: transient, shared by its workers, deleted when the run ends."""
+    return FileSystems.join(pipeline_root, SCRATCH_DIR, run_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +94,10 @@ class ComponentContext:
 
     def output_uri(self, name: str) -> str:
         return self.output_uris[name]
+
+    def scratch_uri(self, name: str) -> str:
+        """`name` in this run's scratch directory (see `scratch_root`), which every worker can reach."""
+        return FileSystems.join(scratch_root(self.pipeline_root, self.run_id), name)
 
     def module_file(self, param: str, default: str) -> str:
         """The staged copy of a user module parameter, else `default` (the path as configured)."""

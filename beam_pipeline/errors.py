@@ -27,3 +27,7 @@ class PipelineRunError(BeamPipelineError):
 
 class MetadataError(BeamPipelineError):
     """ML Metadata could not be opened or holds something inconsistent."""
+
+
+class TrainingClusterError(BeamPipelineError):
+    """Training workers could not form their tf.distribute cluster, or one of them failed."""

@@ -28,10 +28,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline import artifact_io, caching, remote_fs, staging
+from beam_pipeline import artifact_io, caching, errors, remote_fs, staging
 from beam_pipeline.artifacts import Artifact
 from beam_pipeline.compiler import ComponentPlan, build_graph
-from beam_pipeline.dsl import Pipeline
+from beam_pipeline.dsl import Pipeline, scratch_root
 from beam_pipeline.errors import BeamPipelineError, MetadataError, PipelineDefinitionError, PipelineRunError
 from beam_pipeline.metadata import HEARTBEAT_INTERVAL_S, MetadataStore
 
@@ -214,6 +214,13 @@ def execute(
     poll_interval_s: float = 0.5,
 ) -> RunResult:
     """Run a compiled graph, publishing each component as its commit markers appear."""
+    try:
+        return _execute(compiled, on_update, poll_interval_s)
+    finally:  # whatever the workers exchanged in this run (training rendezvous, ...) is of no further use
+        _remove([scratch_root(compiled.pipeline.root, compiled.result.run_id)])
+
+
+def _execute(compiled: CompiledRun, on_update: Callable[[RunResult], None] | None, poll_interval_s: float) -> RunResult:
     pipeline, plans, store, contexts = compiled.pipeline, compiled.plans, compiled.store, compiled.contexts
     result, start_ms, p = compiled.result, compiled.start_ms, compiled.beam_pipeline
     if not any(not plan.cached for plan in plans.values()):
@@ -269,9 +276,7 @@ def execute(
         result.error = message
         if on_update:
             on_update(result)
-        if isinstance(cause, BeamPipelineError):
-            raise type(cause)(message) from cause
-        raise PipelineRunError(message) from cause
+        raise _root_cause(cause)[0](message) from cause
     if on_update:
         on_update(result)
     return result
@@ -472,11 +477,28 @@ def _failure_message(cause: BaseException | None, unfinished: list[ComponentPlan
     names = ", ".join(pl.id for pl in unfinished) or "none"
     if cause is None:
         return f"the job ended but these components never committed their outputs: {names}"
+    return f"{_root_cause(cause)[1]}\n(not completed: {names})"
+
+
+# How a portable runner's job service reports one of our errors raised on an SDK worker.
+_OUR_ERROR = re.compile(r"^beam_pipeline\.errors\.(\w+): ")
+
+
+def _root_cause(cause: BaseException | None) -> tuple[type[BeamPipelineError], str]:
+    """The error type to raise for a failed job and its one-line message: what a worker raised, also
+    when a portable runner sent it back as text."""
+    if cause is None:
+        return PipelineRunError, ""
     text = str(cause).strip() or type(cause).__name__
     # Beam appends the failing step (and on portable runners whole tracebacks) to the message.
     text = _BEAM_SUFFIX.sub("", text).strip()
-    first = text if isinstance(cause, BeamPipelineError) else _root_line(text)
-    return f"{first}\n(not completed: {names})"
+    if isinstance(cause, BeamPipelineError):
+        return type(cause), text
+    line = _root_line(text)
+    found = _OUR_ERROR.match(line)
+    named = getattr(errors, found.group(1), None) if found else None
+    kind = named if isinstance(named, type) and issubclass(named, BeamPipelineError) else PipelineRunError
+    return kind, _OUR_ERROR.sub("", line, count=1)
 
 
 _BEAM_SUFFIX = re.compile(r"\s*\[while running '[^']*'\]\s*$")
@@ -484,7 +506,13 @@ _BEAM_SUFFIX = re.compile(r"\s*\[while running '[^']*'\]\s*$")
 
 def _root_line(text: str) -> str:
     for line in reversed(text.splitlines()):
-        for name in ("InputDataError", "UserModuleError", "AnomaliesFoundError", "PipelineDefinitionError"):
+        for name in (
+            "InputDataError",
+            "UserModuleError",
+            "AnomaliesFoundError",
+            "PipelineDefinitionError",
+            "TrainingClusterError",
+        ):
             if name + ":" in line:
                 return line.strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]

@@ -8,8 +8,6 @@ Trainer therefore trains in a freshly spawned interpreter instead.
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
-import multiprocessing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,10 +16,16 @@ from beam_pipeline.errors import PipelineDefinitionError
 STRATEGIES = ("default", "mirrored", "multi_worker_mirrored")
 
 
-def validate(strategy: str, cpu_devices: int | None) -> None:
+def validate(strategy: str, cpu_devices: int | None, num_workers: int = 1) -> None:
     """Reject a bad strategy configuration when the pipeline is defined, not when training starts."""
     if strategy not in STRATEGIES:
         raise PipelineDefinitionError(f"strategy {strategy!r}: expected one of {STRATEGIES}")
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
+        raise PipelineDefinitionError(f"num_workers={num_workers!r}: expected a positive integer")
+    if num_workers > 1 and strategy != "multi_worker_mirrored":
+        raise PipelineDefinitionError(
+            f"num_workers={num_workers} needs strategy='multi_worker_mirrored', not {strategy!r}"
+        )
     if cpu_devices is not None:
         if strategy != "mirrored":
             raise PipelineDefinitionError(f"cpu_devices is only meaningful with strategy='mirrored', not {strategy!r}")
@@ -51,7 +55,8 @@ def needs_fresh_process(strategy: str, cpu_devices: int | None) -> bool:
 
 
 def make_strategy(strategy: str, cpu_devices: int | None = None) -> Any:
-    """The tf.distribute strategy; multi-worker reads the cluster from the TF_CONFIG variable."""
+    """The tf.distribute strategy; multi-worker reads the cluster from the TF_CONFIG variable
+    (which runners/training_cluster.py sets for a Trainer with num_workers > 1)."""
     import tensorflow as tf
 
     validate(strategy, cpu_devices)
@@ -69,8 +74,8 @@ def make_strategy(strategy: str, cpu_devices: int | None = None) -> Any:
     return tf.distribute.MirroredStrategy()
 
 
-def _reach(paths: Sequence[str]) -> None:
-    """Set up the spawned interpreter to open `paths` (object stores need it, see remote_fs.enable_for)."""
+def reach(paths: Sequence[str]) -> None:
+    """Set up a spawned interpreter to open `paths` (object stores need it, see remote_fs.enable_for)."""
     from beam_pipeline import remote_fs
 
     remote_fs.enable_for(paths)
@@ -84,8 +89,6 @@ def run_in_fresh_process(fn: Callable[..., Any], *args: Any, paths: Sequence[str
     `fn` and `args` must be picklable by reference (module-level functions, plain data). `paths` are
     the files and directories fn opens, so their filesystems (s3://, gs://) are reachable there too.
     """
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=1, mp_context=context, initializer=_reach, initargs=(list(paths),)
-    ) as pool:
-        return pool.submit(fn, *args).result()
+    from runners.training_cluster import TrainingProcess, supervise
+
+    return supervise([TrainingProcess("training process", fn, args, {}, paths)])[0]

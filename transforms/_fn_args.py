@@ -39,6 +39,12 @@ class FnArgs:
     hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
     custom_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     strategy: Any = None
+    task_index: int = 0
+    num_workers: int = 1
+
+    @property
+    def is_chief(self) -> bool:
+        return self.task_index == 0
 
     @functools.cached_property
     def tf_transform_output(self) -> Any:
@@ -64,7 +70,7 @@ class FnArgs:
         """
         import tensorflow as tf
 
-        return tf.data.experimental.make_batched_features_dataset(
+        dataset = tf.data.experimental.make_batched_features_dataset(
             file_pattern=file_patterns,
             batch_size=batch_size,
             features=self.tf_transform_output.transformed_feature_spec(),
@@ -76,3 +82,19 @@ class FnArgs:
             reader_num_threads=1,  # >1 interleaves files in whichever order reads finish
             sloppy_ordering=False,
         )
+        if self.num_workers > 1:
+            dataset = dataset.with_options(self._shard_options(file_patterns))
+        return dataset
+
+    def _shard_options(self, file_patterns: list[str]) -> Any:
+        """How workers split the data: by file when there is a file for each, else by element.
+
+        tf.distribute's default (AUTO) insists on files and fails with fewer files than workers.
+        """
+        import tensorflow as tf
+
+        files = sum(len(tf.io.gfile.glob(p)) for p in file_patterns)
+        policy = tf.data.experimental.AutoShardPolicy
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = policy.FILE if files >= self.num_workers else policy.DATA
+        return options
