@@ -34,6 +34,7 @@ from beam_pipeline.artifacts import EXAMPLES, MODEL, MODEL_BLESSING, MODEL_EVALU
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import InputDataError, MetadataError, PipelineDefinitionError
 from transforms import _example_io as io_
+from transforms import _fast_metrics
 from transforms._blessing import BLESSED_FILE, NOT_BLESSED_FILE, VALIDATION_FILE, Judge
 from transforms.eval_config import binary_classification_eval_config, candidate_config, parse_eval_config
 
@@ -72,6 +73,7 @@ class Evaluator(Component):
         eval_config: tfma.EvalConfig | Mapping[str, Any] | str,
         example_split: str = "eval",
         data_path: str | None = None,
+        vectorized_metrics: bool = True,
         component_id: str | None = None,
     ):
         config = candidate_config(parse_eval_config(eval_config))
@@ -85,6 +87,8 @@ class Evaluator(Component):
             component_id=component_id,
         )
         self.eval_config = config
+        # Not a parameter: both ways give the same results (tests/test_fast_metrics.py), so not in the cache key.
+        self.vectorized_metrics = vectorized_metrics
 
     # -- compile time --------------------------------------------------------------------------------
     @property
@@ -188,6 +192,7 @@ class Evaluator(Component):
                 eval_config=config,
                 output_path=evaluation_uri,
                 display_only_data_location=evaluated_on,
+                **self._metrics_per_batch(config, shared_models if baseline else shared_models[0]),
             )
         )
         files_written = (
@@ -208,6 +213,17 @@ class Evaluator(Component):
         blessing = files_written | "Bless" >> beam.Map(judge, beam.pvalue.AsSingleton(model_committed))
         ctx.publish("blessing", blessing)
         return {}
+
+    def _metrics_per_batch(self, config: tfma.EvalConfig, shared: Any) -> dict[str, Any]:
+        """TFMA's extractors and our per-batch metrics evaluator, when the config allows (else TFMA's own)."""
+        if not (self.vectorized_metrics and _fast_metrics.supported(config)):
+            return {}
+        extractors = [
+            e
+            for e in tfma.default_extractors(eval_shared_model=shared, eval_config=config)
+            if e.stage_name not in _fast_metrics.PER_EXAMPLE_EXTRACTORS
+        ]
+        return {"extractors": extractors, "evaluators": [_fast_metrics.evaluator(config)]}
 
     def _eval_batches(self, inputs: dict[str, Any], pipeline: beam.Pipeline) -> tuple[beam.PCollection, str]:
         """The RecordBatches to evaluate and a description of where they come from."""
