@@ -11,13 +11,17 @@ element starts all N processes on loopback ports and watches them itself.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import multiprocessing
 import os
 import pickle
 import re
+import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -154,8 +158,26 @@ class Rendezvous:
             FileSystems.delete([self.uri])
 
 
-def _task_main(conn: Any, env: dict[str, str], paths: Sequence[str], fn: Callable[..., Any], args: tuple) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """A training process outlives nothing: when its parent (an SDK worker, which a runner may kill
+    outright) dies, the kernel kills it too instead of leaving it training for nobody."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _task_main(
+    conn: Any, env: dict[str, str], paths: Sequence[str], fn: Callable[..., Any], args: tuple, parent_pid: int
+) -> None:
     """Body of a training process: set the environment before TensorFlow starts, run fn, send the outcome."""
+    _die_with_parent(parent_pid)
     os.environ.update(env)
     from runners import training
 
@@ -179,7 +201,9 @@ class TrainingProcess:
         context = multiprocessing.get_context("spawn")
         self.name = name
         self._conn, child = context.Pipe(duplex=False)
-        self._process = context.Process(target=_task_main, args=(child, env, list(paths), fn, args), daemon=True)
+        # The kernel's parent-death signal follows the creating thread, which waits here for the process.
+        task = (child, env, list(paths), fn, args, os.getpid())
+        self._process = context.Process(target=_task_main, args=task, daemon=True)
         self._process.start()
         child.close()
         self._outcome: tuple[bool, Any] | None = None

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
+import time
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
@@ -81,6 +84,38 @@ def test_a_task_started_twice_in_a_run_is_refused(tmp_path):
     (tmp_path / "meet" / "failed-0.txt").unlink()
     with pytest.raises(TrainingClusterError, match="training task 0 started a second time in this run"):
         Rendezvous(str(tmp_path / "meet"), 2, timeout_s=60).join(0, "host0:2")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_training_process_dies_with_the_worker_that_started_it(tmp_path):
+    """A runner may SIGKILL an SDK worker mid-training: its training process must not go on alone."""
+    script = (
+        "import sys, time\n"
+        "from runners.training_cluster import TrainingProcess\n"
+        "p = TrainingProcess('t', time.sleep, (600,), {}, [])\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), f"training process {child} outlived its parent"
 
 
 def test_the_parallelism_hint_names_each_runners_option():
