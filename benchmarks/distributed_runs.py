@@ -25,6 +25,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("BEAM_PIPELINE_ISOLATE_WORKERS", "0")
 
 from beam_pipeline import Pipeline, launcher  # noqa: E402
+from benchmarks.memory import peak_kb, rss_kb  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
 from benchmarks.scale_data import scale  # noqa: E402
 from runners.options import runner_args  # noqa: E402
@@ -55,9 +56,9 @@ class PeakMemory:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.driver_kb = max(self.driver_kb, _vm_rss_kb(os.getpid()))
+            self.driver_kb = max(self.driver_kb, rss_kb())
             for pid in _descendants(os.getpid()):
-                hwm = _vm_hwm_kb(pid)
+                hwm = peak_kb(pid)
                 if hwm:
                     self.peaks[pid] = (_label(pid), max(hwm, self.peaks.get(pid, ("", 0))[1]))
             self._stop.wait(self._interval)
@@ -85,25 +86,6 @@ def _descendants(root: int) -> list[int]:
             out.append(child)
             stack.append(child)
     return out
-
-
-def _vm_hwm_kb(pid: int) -> int:
-    return _status_kb(pid, "VmHWM:")
-
-
-def _vm_rss_kb(pid: int) -> int:
-    return _status_kb(pid, "VmRSS:")
-
-
-def _status_kb(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def _label(pid: int) -> str:

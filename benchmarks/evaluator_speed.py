@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -53,11 +52,12 @@ def _pipeline(root: str, data: str, train_steps: int, side: str | None):
 
 def one(root: str, data: str, train_steps: int, side: str | None) -> dict:
     from beam_pipeline import launcher
+    from benchmarks.memory import peak_kb
 
     start = time.perf_counter()
     result = launcher.run(_pipeline(root, data, train_steps, side))
     wall = time.perf_counter() - start
-    out = {"wall_s": wall, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"wall_s": wall, "peak_mb": peak_kb() / 1024}
     if side is not None:
         r = result.components[SIDES[side][0]]
         out.update(state=r.state, busy_s=r.busy_s, committed_s=(r.end_time_ms - result.start_ms) / 1000)

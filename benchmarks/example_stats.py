@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import tensorflow_data_validation as tfdv  # noqa: E402
 
 from beam_pipeline import Pipeline, launcher  # noqa: E402
+from benchmarks.memory import peak_kb  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
 from benchmarks.scale_data import scale  # noqa: E402
 from transforms.example_gen import ExampleGen  # noqa: E402
@@ -83,7 +83,7 @@ def run_one(side: str, path: str, schema_path: str, beam_args: list[str]) -> dic
         seconds = baseline(path)
     else:
         seconds = baseline(path, tfdv.load_schema_text(schema_path))
-    return {"seconds": seconds, "rows": rows, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return {"seconds": seconds, "rows": rows, "peak_kb": peak_kb()}
 
 
 def measure(side: str, path: str, schema_path: str, beam_args: list[str], repeats: int) -> dict:
