@@ -26,6 +26,7 @@ from beam_pipeline.errors import (
     UserModuleError,
 )
 from transforms import _user_module
+from transforms._tfrecord_batches import WriteBatchesToTFRecord
 
 PAYLOAD_FORMAT = "tfrecord_gzip"
 # Transformed examples are files `<uri>/Split-<split>/<DATA_PREFIX>-?????-of-?????.gz`.
@@ -241,9 +242,8 @@ class Transform(Component):
                 if self.params["materialize"]:
                     written.append(
                         batches
-                        | f"Encode[{split}]" >> beam.FlatMap(_encode_examples)
                         | f"Write[{split}]"
-                        >> beam.io.WriteToTFRecord(
+                        >> WriteBatchesToTFRecord(
                             FileSystems.join(data_uri, f"Split-{split}", DATA_PREFIX),
                             file_name_suffix=".gz",
                             compression_type=beam.io.filesystem.CompressionTypes.GZIP,
@@ -277,12 +277,6 @@ class Transform(Component):
             ),
         )
         return {"transformed_examples": outputs}
-
-
-def _encode_examples(batch: pa.RecordBatch) -> list[bytes]:
-    from tfx_bsl.coders import example_coder
-
-    return example_coder.RecordBatchToExamples(batch)
 
 
 def _finish(_: Any, temp_dir: str, written: list[Any], counts: dict[str, int]) -> dict[str, int]:
