@@ -249,6 +249,7 @@ class _Inputs:
         self._extract = extract
         self._keys = {s.name if len(config.model_specs) > 1 else "": s.prediction_key for s in config.model_specs}
         self._cache: dict[tuple[str, str], np.ndarray] = {}
+        self.size: int | None = None  # the first model's prediction count, which every other array must match
         self.size = len(self.columns("prediction", next(iter(self._keys))))
 
     def columns(self, what: str, model_name: str) -> np.ndarray:
@@ -280,7 +281,7 @@ class _Inputs:
                 f"Evaluator: model {model_name or 'candidate'} predicted NaN for "
                 f"{int(np.isnan(array).any(axis=1).sum())} of {len(array)} examples in a batch"
             )
-        if hasattr(self, "size") and len(array) != self.size:
+        if self.size is not None and len(array) != self.size:
             raise InputDataError(f"Evaluator: {len(array)} {what}s for a batch of {self.size} examples")
         self._cache[(what, model_name)] = array
         return array

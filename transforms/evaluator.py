@@ -179,6 +179,7 @@ class Evaluator(Component):
                 )
             )
 
+        shared = shared_models if baseline else shared_models[0]
         batches, evaluated_on = self._eval_batches(inputs, model_committed.pipeline)
         evaluation_uri = ctx.output_uri("evaluation")
         written = (
@@ -188,11 +189,11 @@ class Evaluator(Component):
             | "AddSerializedExamples" >> beam.ParDo(_AddSerializedExamples())
             | "TFMA"
             >> tfma.ExtractEvaluateAndWriteResults(
-                eval_shared_model=shared_models if baseline else shared_models[0],
+                eval_shared_model=shared,
                 eval_config=config,
                 output_path=evaluation_uri,
                 display_only_data_location=evaluated_on,
-                **self._metrics_per_batch(config, shared_models if baseline else shared_models[0]),
+                **self._metrics_per_batch(config, shared),
             )
         )
         files_written = (
