@@ -20,6 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import fingerprints, remote_fs
 from beam_pipeline.artifacts import ANOMALIES, COMMIT_MARKER, EXAMPLES, SCHEMA, STATISTICS, Artifact, ArtifactType
+from beam_pipeline.errors import InputDataError
 
 STATS_FILE = "FeatureStats.pb"
 SCHEMA_FILE = "schema.pbtxt"
@@ -187,17 +188,50 @@ class _ReadParquet(beam.DoFn):
             yield from pq.ParquetFile(f).iter_batches(batch_size=65536)
 
 
-def _load_examples(p: beam.Pipeline, artifact: Artifact, label: str):
-    out = {}
-    for split in artifact.split_names:
-        paths = [m.path for m in FileSystems.match([join(artifact.split_uri(split), "*.parquet")])[0].metadata_list]
-        out[split] = (
-            p
-            | f"{label}.List[{split}]" >> beam.Create(sorted(paths))
-            | f"{label}.Reshuffle[{split}]" >> beam.Reshuffle()
-            | f"{label}.Read[{split}]" >> beam.ParDo(_ReadParquet())
+PARQUET = "parquet"
+
+
+def _split_files(artifact: Artifact, split: str) -> list[str]:
+    payload = artifact.properties.get("payload_format", PARQUET)
+    if payload != PARQUET:
+        raise InputDataError(
+            f"examples at {artifact.uri} are {payload!r}; only Parquet examples are read back into the graph"
         )
-    return out
+    if split not in artifact.split_names:
+        raise InputDataError(f"examples at {artifact.uri} have no split {split!r}; splits are {artifact.split_names}")
+    return sorted(m.path for m in FileSystems.match([join(artifact.split_uri(split), "*.parquet")])[0].metadata_list)
+
+
+class ReadSplit(beam.PTransform):
+    """The RecordBatches of one split of a Parquet Examples artifact, read once the artifact exists.
+
+    Input: a PCollection holding the Artifact (a commit signal, or a cached artifact), so the read
+    starts only after the commit. Only file names are shuffled, to spread the files over workers:
+    the data streams from storage into the consumer's fused stage and is never held whole, as an
+    in-graph shuffle of the batches would be on a runner that buffers between stages.
+    """
+
+    def __init__(self, split: str):
+        super().__init__()
+        self._split = split
+
+    def expand(self, artifact: beam.PCollection) -> beam.PCollection:
+        return (
+            artifact
+            | "List" >> beam.FlatMap(_split_files, self._split)
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(_ReadParquet())
+        )
+
+
+def _load_examples(p: beam.Pipeline, artifact: Artifact, label: str):
+    cached = p | f"{label}.Artifact" >> beam.Create([artifact])
+    return {split: cached | f"{label}.Read[{split}]" >> ReadSplit(split) for split in artifact.split_names}
+
+
+def rereadable(atype: ArtifactType, payload_format: str | None) -> bool:
+    """Whether an output can be read back from its files by `ReadSplit` (else it lives in the graph only)."""
+    return atype.name == EXAMPLES.name and payload_format == PARQUET
 
 
 def _load_split_protos(filename: str, message_path: str):

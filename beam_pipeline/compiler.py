@@ -1,10 +1,11 @@
 """Compile a Pipeline into ONE beam.Pipeline.
 
-Components are applied in topological order to the in-graph values of their inputs, so data flows
-between them inside the graph; each output gets a commit step that waits for the component's
-`publish()` signal, fingerprints the files and writes the commit marker the driver publishes from.
-Cached components are not applied: their artifacts are loaded back into the graph only where a
-running component consumes them.
+Components are applied in topological order to the in-graph values of their inputs; each output
+gets a commit step that waits for the component's `publish()` signal, fingerprints the files and
+writes the commit marker the driver publishes from. A consumer starts after its producers committed:
+small values pass a gate in the graph, bulk Examples are read back from the committed Parquet (only
+the splits the consumer reads), so no stage boundary holds a whole split. Cached components are not
+applied: their artifacts are loaded back into the graph only where a running component consumes them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import apache_beam as beam
 
 from beam_pipeline import artifact_io
-from beam_pipeline.artifacts import COMMIT_MARKER, Artifact, ArtifactType
+from beam_pipeline.artifacts import COMMIT_MARKER, EXAMPLES, Artifact, ArtifactType
 from beam_pipeline.dsl import Component, ComponentContext, Pipeline
 from beam_pipeline.errors import PipelineDefinitionError
 
@@ -89,10 +90,10 @@ def _pass(element, _committed):
 
 
 def _gate(value: Any, committed: beam.PCollection, label: str) -> Any:
-    """Hold an input back until its producer committed, so a failure never strands upstream work.
+    """Hold a small in-graph input back until its producer committed, so a failure never strands upstream work.
 
-    Data still flows in the graph (nothing is re-read); the side input only orders the stages:
-    when a component fails, everything upstream of it is already committed and is reused on resume.
+    The side input only orders the stages: when a component fails, everything upstream of it is
+    already committed and is reused on resume. (Bulk Examples are read from the commit instead.)
     """
     if isinstance(value, dict):
         return {k: _gate(v, committed, f"{label}.{k}") for k, v in value.items()}
@@ -105,6 +106,18 @@ def _gate(value: Any, committed: beam.PCollection, label: str) -> Any:
         | f"{label}.Barrier" >> beam.Reshuffle()
         | f"{label}.AfterCommit" >> beam.Map(_pass, beam.pvalue.AsSingleton(committed))
     )
+
+
+def _reader(artifact: beam.PCollection, label: str):
+    """split -> a new read of that split of the artifact's files each call (a consumer may read twice)."""
+    reads: dict[str, int] = {}
+
+    def read(split: str) -> beam.PCollection:
+        reads[split] = reads.get(split, 0) + 1
+        suffix = "" if reads[split] == 1 else f"#{reads[split]}"
+        return artifact | f"{label}.Read[{split}]{suffix}" >> artifact_io.ReadSplit(split)
+
+    return read
 
 
 def _commit_factory(p: beam.Pipeline, component: Component, plan: ComponentPlan, pipeline_name: str):
@@ -130,37 +143,51 @@ def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, Component
         (ch.producer.id, ch.name) for plan in plans.values() if not plan.cached for ch in plan.component.inputs.values()
     }
 
-    def cached_value(producer: ComponentPlan, out: str):
+    def cached_value(producer: ComponentPlan, out: str, load: bool = True):
         key = (producer.id, out)
-        if key not in values:
-            artifact = producer.cached_outputs[out]
+        artifact = producer.cached_outputs[out]
+        if key not in committed:
             committed[key] = p | f"{producer.id}.{out}.Cached" >> beam.Create([artifact])
+        if load and key not in values:
             loader = artifact_io.LOADERS.get(artifact.type.name)
             values[key] = loader(p, artifact, f"{producer.id}.{out}.Load") if loader else committed[key]
-        return values[key]
+        return values.get(key)
 
     for component in pipeline.ordered:
         plan = plans[component.id]
         if plan.cached:
             for out in component.OUTPUTS:
                 if (component.id, out) in needed:
-                    cached_value(plan, out)
+                    cached_value(plan, out, load=False)
             continue
-        inputs, committed_inputs, input_static, input_uris = {}, {}, {}, {}
+        inputs, committed_inputs, input_static, input_uris, readers = {}, {}, {}, {}, {}
         for name, ch in component.inputs.items():
             key = (ch.producer.id, ch.name)
             producer = plans[ch.producer.id]
+            input_static[name] = producer.static_outputs.get(ch.name, {})
             if producer.cached:
-                cached_value(producer, ch.name)
-                input_uris[name] = producer.cached_outputs[ch.name].uri
+                artifact = producer.cached_outputs[ch.name]
+                input_uris[name], payload, splits = artifact.uri, artifact.properties.get("payload_format"), None
+                if ch.type == EXAMPLES:
+                    splits = artifact.split_names
             else:
                 input_uris[name] = producer.output_uris[ch.name]
+                payload, splits = input_static[name].get("payload_format"), input_static[name].get("splits")
             committed_inputs[name] = committed[key]
+            if ch.type == EXAMPLES and (
+                producer.cached or (artifact_io.rereadable(ch.type, payload) and not component.FUSE_WITH_PRODUCERS)
+            ):
+                # Read from the committed files, only the splits read here: streamed, never held whole.
+                readers[name] = _reader(committed[key], f"{component.id}.{name}")
+                inputs[name] = {s: readers[name](s) for s in component.splits_read(name, splits)}
+                continue
+            value = cached_value(producer, ch.name) if producer.cached else values[key]
+            if ch.type == EXAMPLES and splits is not None:
+                value = {s: value[s] for s in component.splits_read(name, splits)}
             if producer.cached or component.FUSE_WITH_PRODUCERS:
-                inputs[name] = values[key]
+                inputs[name] = value
             else:
-                inputs[name] = _gate(values[key], committed[key], f"{component.id}.{name}")
-            input_static[name] = plans[ch.producer.id].static_outputs.get(ch.name, {})
+                inputs[name] = _gate(value, committed[key], f"{component.id}.{name}")
         ctx = ComponentContext(
             pipeline_name=pipeline.name,
             pipeline_root=pipeline.root,
@@ -174,6 +201,7 @@ def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, Component
             input_uris=input_uris,
             commit_factory=_commit_factory(p, component, plan, pipeline.name),
             staged_modules=plan.staged_modules,
+            readers=readers,
         )
         component.bind(ctx)
         try:

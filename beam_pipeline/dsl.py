@@ -91,6 +91,17 @@ class ComponentContext:
     committed_outputs: dict[str, beam.PCollection] = dataclasses.field(default_factory=dict)
     # Module-file parameter -> its copy staged under the pipeline root at launch (what workers load).
     staged_modules: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Examples inputs read from their committed files: split -> a new, independent read of it.
+    readers: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def read_again(self, name: str, split: str, value: beam.PCollection) -> beam.PCollection:
+        """A second read of one split of Examples input `name`, for a consumer that needs the data twice.
+
+        Reading the files again keeps a runner that buffers between stages from holding the whole
+        split for the second consumer; where the data lives only in the graph, `value` itself.
+        """
+        reader = self.readers.get(name)
+        return reader(split) if reader is not None else value
 
     def output_uri(self, name: str) -> str:
         return self.output_uris[name]
@@ -186,6 +197,10 @@ class Component(beam.PTransform):
         return [c.producer for c in self.inputs.values()]
 
     # -- what the compiler asks --------------------------------------------------------------------
+    def splits_read(self, name: str, splits: Sequence[str]) -> list[str]:
+        """The splits of Examples input `name` this component reads in the graph (default: all)."""
+        return list(splits)
+
     def module_files(self) -> list[str]:
         """User module files this component loads; their content is part of the cache key."""
         return [v for k, v in self.params.items() if k.endswith("module_file") and v]

@@ -1,12 +1,12 @@
 """Evaluator: TFMA metrics on the eval split (or a next-day file) and model validation into a blessing.
 
-The RecordBatches already in the graph are fed to TFMA's Arrow path. Each batch gets the column
-`__raw_record__` of serialized tf.train.Example (tfx_bsl's encoder) because the model contract's
-`from_examples` and `transform_features` signatures take serialized examples; the raw columns stay
-as features for slicing. TFMA never loads a model while the graph is built: the model type is set
-explicitly and the SavedModel path `<model uri>/Format-Serving` comes from the input's final URI
-(`ctx.input_uris`); the stage that feeds TFMA waits on the committed Model artifact as a side
-input, so evaluation cannot start before training has finished.
+The eval split's RecordBatches, streamed from its committed Parquet, are fed to TFMA's Arrow path.
+Each batch gets the column `__raw_record__` of serialized tf.train.Example (tfx_bsl's encoder)
+because the model contract's `from_examples` and `transform_features` signatures take serialized
+examples; the raw columns stay as features for slicing. TFMA never loads a model while the graph
+is built: the model type is set explicitly and the SavedModel path `<model uri>/Format-Serving`
+comes from the input's final URI (`ctx.input_uris`); the stage that feeds TFMA waits on the
+committed Model artifact as a side input, so evaluation cannot start before training has finished.
 
 Validation: value thresholds always apply; change thresholds compare against the baseline, the
 model of this Evaluator's latest blessing (`resolve`). Without a baseline (first run) the change
@@ -19,7 +19,7 @@ a model.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -128,6 +128,9 @@ class Evaluator(Component):
                 raise PipelineDefinitionError(f"{self.id}: example_split {split!r} is not one of the splits {splits}")
         return {name: {} for name in self.OUTPUTS}
 
+    def splits_read(self, name: str, splits: Sequence[str]) -> list[str]:
+        return [] if self.params["data_path"] else [s for s in splits if s == self.params["example_split"]]
+
     def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
         """The baseline: the model of this Evaluator's latest blessing whose push was not refused (only
         needed for change thresholds). A blessing that lost a push race to a better model is no baseline:
@@ -233,8 +236,9 @@ class Evaluator(Component):
             split = self.params["example_split"]
             splits = inputs["examples"]
             if split not in splits:
+                known = self.ctx.input_static.get("examples", {}).get("splits") or list(splits)
                 raise PipelineDefinitionError(
-                    f"{self.id}: example_split {split!r} is not one of the splits {sorted(splits)}"
+                    f"{self.id}: example_split {split!r} is not one of the splits {sorted(known)}"
                 )
             return splits[split], f"split {split}"
         arrow_schema = self.ctx.input_static["examples"]["arrow_schema"]

@@ -125,6 +125,7 @@ class ExampleGen(Component):
             "examples": {
                 "arrow_schema": list_schema(schema),
                 "splits": list(self.params["splits"]),
+                "payload_format": artifact_io.PARQUET,
                 # What expand() reads: this run's files and types, not an earlier run's.
                 "files": files,
                 "flat_schema": schema,
@@ -165,7 +166,7 @@ class ExampleGen(Component):
                 "split_names": list(names),
                 "row_counts": {s: c.get(s, 0) for s in names},
                 "bad_records": c.get(_BAD, 0),
-                "payload_format": "parquet",
+                "payload_format": artifact_io.PARQUET,
                 "column_type_notes": list(notes),
             }
         )

@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -132,6 +132,9 @@ class Trainer(Component):
         # How long to wait, not what is trained: kept out of the parameters, so out of the cache key.
         self.rendezvous_timeout_s = float(rendezvous_timeout_s)
         _user_module.load_module(module_file, ["run_fn"], self.id)
+
+    def splits_read(self, name: str, splits: Sequence[str]) -> list[str]:
+        return []  # training reads the materialized files itself (tf.data), not the graph's batches
 
     def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
         """The newest Model of this Trainer in this pipeline, when warm starting."""

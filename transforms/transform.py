@@ -1,4 +1,4 @@
-"""Transform: tf.Transform on the RecordBatches already in the graph (analyze some splits, transform all).
+"""Transform: tf.Transform on RecordBatches of the examples (analyze some splits, transform all).
 
 The user's `preprocessing_fn` is traced once at compile time against the input schema: a missing
 module or function, a function that raises, or a column it reads that the data lacks is reported
@@ -187,6 +187,10 @@ class Transform(Component):
             )
         return list(analyze), list(transform)
 
+    def splits_read(self, name: str, splits: Sequence[str]) -> list[str]:
+        analyze, transform = self._splits(splits)
+        return [s for s in splits if s in analyze or s in transform]
+
     def _input_schema(self, input_static: Mapping[str, Mapping[str, Any]]) -> schema_pb2.Schema:
         curated = input_static.get("schema", {}).get("schema")
         return input_schema(input_static["examples"]["arrow_schema"], curated)
@@ -208,7 +212,7 @@ class Transform(Component):
         from tensorflow_transform.tf_metadata import dataset_metadata
 
         examples = inputs["examples"]
-        analyze, transform = self._splits(list(examples))
+        analyze, transform = self._splits(self.ctx.input_static["examples"]["splits"])
         arrow_schema = self.ctx.input_static["examples"]["arrow_schema"]
         schema = self._input_schema(self.ctx.input_static)
         config = tensor_adapter_config(arrow_schema, schema)
@@ -229,7 +233,9 @@ class Transform(Component):
             ]
             outputs, counts = {}, []
             for split in transform:
-                transformed, _ = ((examples[split], config), transform_fn) | f"Transform[{split}]" >> (
+                # An analyzed split is read again rather than held for this second consumer.
+                data = self.ctx.read_again("examples", split, examples[split]) if split in analyze else examples[split]
+                transformed, _ = ((data, config), transform_fn) | f"Transform[{split}]" >> (
                     tft_beam.TransformDataset(output_record_batches=True)
                 )
                 batches = transformed | f"Batches[{split}]" >> beam.Map(lambda pair: pair[0])
