@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,7 +24,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("BEAM_PIPELINE_ISOLATE_WORKERS", "0")
 
 from beam_pipeline import Pipeline, launcher  # noqa: E402
-from benchmarks.memory import peak_kb, rss_kb  # noqa: E402
+from benchmarks.memory import PeakMemory  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
 from benchmarks.scale_data import scale  # noqa: E402
 from runners.options import runner_args  # noqa: E402
@@ -35,75 +34,6 @@ from transforms.statistics_gen import StatisticsGen  # noqa: E402
 from transforms.transform import Transform  # noqa: E402
 
 MODULE = os.path.join(os.path.dirname(HERE), "examples", "chicago_taxi", "taxi_utils.py")
-
-
-class PeakMemory:
-    """Peak resident memory of this process's descendants, by name, polled from /proc until stopped."""
-
-    def __init__(self, interval_s: float = 0.5):
-        self._interval, self._stop = interval_s, threading.Event()
-        self.peaks: dict[int, tuple[str, int]] = {}
-        self.driver_kb = 0  # this process's largest sampled resident size while the run lasted
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.driver_kb = max(self.driver_kb, rss_kb())
-            for pid in _descendants(os.getpid()):
-                hwm = peak_kb(pid)
-                if hwm:
-                    self.peaks[pid] = (_label(pid), max(hwm, self.peaks.get(pid, ("", 0))[1]))
-            self._stop.wait(self._interval)
-
-    def by_label(self) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
-        for label, kb in self.peaks.values():
-            out.setdefault(label, []).append(kb)
-        return out
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
-def _label(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except OSError:
-        return "?"
-    text = " ".join(a.decode(errors="replace") for a in args)
-    for needle, name in (
-        ("sdk_worker_main", "SDK worker"),
-        ("worker_pool_main", "SDK worker pool"),
-        ("local_job_service_main", "job service"),
-        ("runners.local_services", "job service + SDK worker pool"),
-    ):
-        if needle in text:
-            return name
-    return os.path.basename(args[0].decode(errors="replace")) if args and args[0] else "?"
 
 
 def run_side(csv: str, root: str, runner: str | None) -> tuple[float, int, PeakMemory]:

@@ -28,13 +28,31 @@ JITTER = {
 }
 
 
+CHUNK_ROWS = 1_000_000
+
+
 def scale(rows: int, out: str, seed: int = 0, sample: str = SAMPLE) -> str:
-    """Write `rows` resampled rows to `out` (reused if it already has that many rows)."""
+    """Write `rows` resampled rows to `out` (reused if it already has that many rows).
+
+    Written a million rows at a time, so 50M rows need no more memory than one million.
+    """
     marker = f"{out}.rows"
     if os.path.exists(out) and os.path.exists(marker) and open(marker).read() == str(rows):
         return out
     table = pv.read_csv(sample, convert_options=pv.ConvertOptions(strings_can_be_null=True))
     rng = np.random.default_rng(seed)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if os.path.exists(marker):
+        os.remove(marker)
+    with pv.CSVWriter(out, table.schema) as writer:
+        for start in range(0, rows, CHUNK_ROWS):
+            writer.write_table(_resample(table, min(CHUNK_ROWS, rows - start), rng))
+    with open(marker, "w") as f:
+        f.write(str(rows))
+    return out
+
+
+def _resample(table: pa.Table, rows: int, rng: np.random.Generator) -> pa.Table:
     table = table.take(pa.array(rng.integers(0, table.num_rows, rows)))
     columns = {}
     for name in table.column_names:
@@ -47,11 +65,7 @@ def scale(rows: int, out: str, seed: int = 0, sample: str = SAMPLE) -> str:
             else:
                 col = pc.round(jittered).cast(col.type)
         columns[name] = col
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    pv.write_csv(pa.table(columns), out)
-    with open(marker, "w") as f:
-        f.write(str(rows))
-    return out
+    return pa.table(columns, schema=table.schema)
 
 
 if __name__ == "__main__":
