@@ -15,7 +15,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import fingerprints, remote_fs
@@ -37,7 +37,7 @@ def write_text(path: str, text: str) -> None:
 
 
 def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path) as f:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         return f.read()
 
 
@@ -123,7 +123,8 @@ def fingerprint_tree(uri: str, files: list[FileMetadata] | None = None) -> str:
         return h.hexdigest()
     for m in files:
         h.update(m.path[len(uri) :].encode())
-        with FileSystems.open(m.path) as f:
+        # The stored bytes: AUTO would inflate every .gz file just to hash it.
+        with FileSystems.open(m.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
