@@ -251,3 +251,33 @@ def test_default_runner_is_in_process_and_never_tries_prism(tmp_path, taxi_small
     assert options["beam:option:temp_location:v1"].string_value == "/tmp/x"
     explicit = launcher.compile_run(data_half(taxi_small_csv, tmp_path / "c"), ["--runner=DirectRunner"])
     assert isinstance(explicit.beam_pipeline.runner, SwitchingDirectRunner)
+
+
+def test_split_statistics_runs_in_a_bare_beam_pipeline():
+    import apache_beam as beam
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.csv as pv
+    from apache_beam.testing.util import assert_that
+
+    from tests.conftest import PENGUIN_CSV
+    from transforms._arrow_layout import to_list_batch
+    from transforms.statistics_gen import SplitStatistics
+
+    table = pv.read_csv(PENGUIN_CSV)
+    batches = [to_list_batch(table.slice(i, 100)) for i in range(0, table.num_rows, 100)]
+
+    def check(protos):
+        (stats,) = protos
+        whole, *slices = stats.datasets
+        assert whole.name == "train" and whole.num_examples == table.num_rows
+        culmen = next(f for f in whole.features if f.path.step == ["culmen_length_mm"])
+        assert np.isclose(culmen.num_stats.mean, pc.mean(table.column("culmen_length_mm")).as_py())
+        species = pc.value_counts(table.column("species")).to_pylist()
+        assert sorted(d.num_examples for d in slices) == sorted(c["counts"] for c in species)
+        assert all(d.name.startswith("species_") for d in slices)
+
+    p = in_process_pipeline()
+    stats = p | beam.Create(batches) | SplitStatistics("train", slice_features=["species"])
+    assert_that(stats, check)
+    p.run().wait_until_finish()

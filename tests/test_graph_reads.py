@@ -7,9 +7,7 @@ split between stages, so memory grew with the data; these tests pin the graph sh
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import sys
 
 import apache_beam as beam
 import pytest
@@ -17,12 +15,9 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipeline import artifact_io, launcher
 from beam_pipeline.errors import InputDataError
-from tests.conftest import ROOT
+from examples.chicago_taxi.pipeline import create_pipeline
 from tests.helpers import in_process_pipeline, run_components
 from transforms.example_gen import ExampleGen
-
-sys.path.insert(0, os.path.join(ROOT, "examples", "chicago_taxi"))
-from pipeline import create_pipeline
 
 
 def _labels(compiled) -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
@@ -261,3 +262,67 @@ def test_label_column_missing_from_data(tmp_path):
 def test_unknown_split_is_a_definition_error(taxi_run):
     with pytest.raises(PipelineDefinitionError, match=r"splits \['test'\]"):
         _rerun(taxi_run, analyze_splits=["test"])
+
+
+# -- the data work alone, in a bare Beam pipeline ---------------------------------------------------------
+
+
+def _penguin_batches() -> tuple[pa.RecordBatch, pa.RecordBatch]:
+    import pyarrow.csv as pv
+
+    from tests.conftest import PENGUIN_CSV
+    from transforms._arrow_layout import to_list_batch
+
+    table = pv.read_csv(PENGUIN_CSV)
+    return to_list_batch(table.slice(0, 200)), to_list_batch(table.slice(200))
+
+
+def test_analyze_and_transform_runs_in_a_bare_beam_pipeline(tmp_path):
+    import apache_beam as beam
+    import pyarrow.compute as pc
+    import tensorflow_transform as tft
+    import tensorflow_transform.beam as tft_beam
+    from apache_beam.testing.util import assert_that
+
+    from tests.helpers import in_process_pipeline
+    from transforms.transform import AnalyzeAndTransform
+
+    train, evals = _penguin_batches()
+
+    def preprocessing_fn(inputs):
+        return {"culmen_z": tft.scale_to_z_score(inputs["culmen_length_mm"]), "species": inputs["species"]}
+
+    p = in_process_pipeline()
+    batches = {"train": p | "Train" >> beam.Create([train]), "eval": p | "Eval" >> beam.Create([evals])}
+    transform_fn, transformed = batches | AnalyzeAndTransform(
+        preprocessing_fn, train.schema, temp_dir=str(tmp_path / "tmp")
+    )
+    _ = transform_fn | tft_beam.WriteTransformFn(str(tmp_path / "transform_fn"))
+    values = pc.list_flatten(train.column("culmen_length_mm")).to_numpy()
+    mean, std = values.mean(), values.std()
+
+    def check(split_batches, expected):
+        got = np.concatenate([pc.list_flatten(b.column("culmen_z")).to_numpy() for b in split_batches])
+        np.testing.assert_allclose(np.sort(got), np.sort(expected), rtol=1e-4, atol=1e-5)
+
+    # Fitted on train only: eval is scaled with train's mean and deviation.
+    for split, batch in (("train", train), ("eval", evals)):
+        raw = pc.list_flatten(batch.column("culmen_length_mm")).to_numpy()
+        assert_that(transformed[split], lambda bs, raw=raw: check(bs, (raw - mean) / std), label=f"Check[{split}]")
+    p.run().wait_until_finish()
+    output = tft.TFTransformOutput(str(tmp_path / "transform_fn"))
+    assert set(output.transformed_feature_spec()) == {"culmen_z", "species"}
+
+
+def test_analyze_and_transform_names_a_split_it_is_not_given(tmp_path):
+    import apache_beam as beam
+
+    from tests.helpers import in_process_pipeline
+    from transforms.transform import AnalyzeAndTransform
+
+    train, _ = _penguin_batches()
+    p = in_process_pipeline()
+    with pytest.raises(PipelineDefinitionError, match=r"splits \['test'\] are not among \['train'\]"):
+        _ = {"train": p | beam.Create([train])} | AnalyzeAndTransform(
+            lambda x: dict(x), train.schema, transform_splits=["test"], temp_dir=str(tmp_path)
+        )

@@ -32,6 +32,8 @@ from transforms._parquet_tfrecord import (
 )
 from transforms._split_hash import assign_splits, row_hashes
 
+__all__ = ["ExampleGen", "to_list_batch"]  # to_list_batch: ExampleGen's layout, for the transforms used alone
+
 FORMATS = ("csv", "parquet", "tfrecord")
 QUARANTINE_DIR = "Quarantine"
 

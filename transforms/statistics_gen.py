@@ -1,4 +1,4 @@
-"""StatisticsGen: TFDV statistics per split, computed on the RecordBatches already in the graph."""
+"""StatisticsGen: TFDV statistics of RecordBatches, per split (`SplitStatistics` is the data work alone)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,49 @@ from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import PipelineDefinitionError
 
 
-class StatisticsGen(Component):
-    """TFDV statistics per split; output `{split: PCollection[DatasetFeatureStatisticsList]}`.
+class SplitStatistics(beam.PTransform):
+    """TFDV statistics of one split's RecordBatches: a PCollection holding one DatasetFeatureStatisticsList.
+
+    Usable in any Beam pipeline; StatisticsGen adds only the artifact wiring. Example::
+
+        stats = batches | SplitStatistics("train", slice_features=["payment_type"])
+        # one proto: datasets[0] is the whole split (named "train"), then one dataset per slice
 
     Runs TFDV's sliced-statistics transform (the core of `tfdv.GenerateStatistics`, with the same
     generators and protos) on `(slice key, RecordBatch)` pairs made here: the whole split, plus one
     slice per value of `slice_features`, and rows sampled at `sample_rate` (tfdv's own option
     samples whole batches, and a batch here is a whole block of the input).
     """
+
+    def __init__(
+        self,
+        split: str,
+        *,
+        num_top_values: int = 20,
+        slice_features: Sequence[str] = (),
+        sample_rate: float | None = None,
+    ):
+        super().__init__()
+        if sample_rate is not None and not 0 < sample_rate <= 1:
+            raise PipelineDefinitionError(f"StatisticsGen sample_rate={sample_rate}: expected 0 < rate <= 1")
+        self._split, self._top = split, num_top_values
+        self._slice_features, self._sample_rate = list(slice_features), sample_rate
+
+    def expand(self, batches: beam.PCollection) -> beam.PCollection:
+        import tensorflow_data_validation as tfdv
+        from tensorflow_data_validation.statistics import stats_impl
+
+        options = tfdv.StatsOptions(num_top_values=self._top)
+        return (
+            batches
+            | "Slice" >> beam.FlatMap(_slices, self._slice_features, self._sample_rate)
+            | "Stats" >> stats_impl.GenerateSlicedStatisticsImpl(options, is_slicing_enabled=True)
+            | "Name" >> beam.Map(_name_split, self._split)
+        )
+
+
+class StatisticsGen(Component):
+    """TFDV statistics per split (`SplitStatistics`); output `{split: PCollection[DatasetFeatureStatisticsList]}`."""
 
     INPUTS = {"examples": InputSpec(EXAMPLES)}
     OUTPUTS = {"statistics": STATISTICS}
@@ -39,8 +74,7 @@ class StatisticsGen(Component):
         slice_features: Sequence[str] = (),
         component_id: str | None = None,
     ):
-        if sample_rate is not None and not 0 < sample_rate <= 1:
-            raise PipelineDefinitionError(f"StatisticsGen sample_rate={sample_rate}: expected 0 < rate <= 1")
+        SplitStatistics("", sample_rate=sample_rate)  # validates the options now, not when the graph is built
         super().__init__(
             inputs={"examples": examples},
             params={
@@ -51,25 +85,17 @@ class StatisticsGen(Component):
             component_id=component_id,
         )
 
-    def stats_options(self):
-        import tensorflow_data_validation as tfdv
-
-        return tfdv.StatsOptions(num_top_values=self.params["num_top_values"])
-
     def expand(self, inputs):
-        from tensorflow_data_validation.statistics import stats_impl
-
         uri = self.ctx.output_uri("statistics")
         batches = inputs["examples"]
         splits = list(batches)
-        options = self.stats_options()
         out, written = {}, []
         for split, b in batches.items():
-            stats = (
-                b
-                | f"Slice[{split}]" >> beam.FlatMap(_slices, self.params["slice_features"], self.params["sample_rate"])
-                | f"Stats[{split}]" >> stats_impl.GenerateSlicedStatisticsImpl(options, is_slicing_enabled=True)
-                | f"Name[{split}]" >> beam.Map(_name_split, split)
+            stats = b | f"Stats[{split}]" >> SplitStatistics(
+                split,
+                num_top_values=self.params["num_top_values"],
+                slice_features=self.params["slice_features"],
+                sample_rate=self.params["sample_rate"],
             )
             out[split] = stats
             written.append(

@@ -135,6 +135,70 @@ def trace_output_arrow_schema(preprocessing_fn: Callable, schema: schema_pb2.Sch
     return impl_helper.make_tensor_to_arrow_converter(output_schema).arrow_schema()
 
 
+class AnalyzeAndTransform(beam.PTransform):
+    """tf.Transform over RecordBatches: fit `preprocessing_fn` on some splits, apply it to others.
+
+    Usable in any Beam pipeline; the Transform component adds only the artifact wiring. Example::
+
+        with beam.Pipeline() as p:
+            batches = {"train": p | "Train" >> beam.Create(train), "eval": p | "Eval" >> beam.Create(evals)}
+            transform_fn, transformed = batches | AnalyzeAndTransform(
+                preprocessing_fn, train[0].schema, temp_dir="/tmp/tft"
+            )
+            _ = transform_fn | tft_beam.WriteTransformFn("/tmp/transform_fn")
+            # transformed["eval"]: PCollection[RecordBatch] of preprocessing_fn's outputs
+
+    Input: `{split: PCollection[RecordBatch]}` with list-typed columns (`arrow_schema`). `schema`,
+    a tf.metadata Schema, says how tf.Transform reads the columns (default: every one VarLen).
+    Output: `(transform_fn, {split: PCollection[RecordBatch]})` for `transform_splits` (default: all
+    the input's splits). An analyzed split is consumed twice, by the analysis and then by its
+    transform, which needs the analysis first; `second_reads` may give an independent read of it
+    for the transform, so that a runner which buffers between stages need not hold the whole split.
+    """
+
+    def __init__(
+        self,
+        preprocessing_fn: Callable,
+        arrow_schema: pa.Schema,
+        schema: schema_pb2.Schema | None = None,
+        *,
+        analyze_splits: Sequence[str] = ("train",),
+        transform_splits: Sequence[str] | None = None,
+        temp_dir: str,
+        second_reads: Mapping[str, beam.PCollection] | None = None,
+    ):
+        super().__init__()
+        if not analyze_splits:
+            raise PipelineDefinitionError("AnalyzeAndTransform: analyze_splits must name at least one split")
+        if not temp_dir:
+            raise PipelineDefinitionError("AnalyzeAndTransform: temp_dir must name where tf.Transform may write")
+        self._fn, self._arrow_schema = preprocessing_fn, arrow_schema
+        self._schema = schema if schema is not None else schema_from_arrow(arrow_schema)
+        self._analyze = list(analyze_splits)
+        self._transform = list(transform_splits) if transform_splits is not None else None
+        self._temp_dir, self._second_reads = temp_dir, dict(second_reads or {})
+
+    def expand(self, batches: Mapping[str, beam.PCollection]) -> tuple[Any, dict[str, beam.PCollection]]:
+        import tensorflow_transform.beam as tft_beam
+
+        transform = self._transform if self._transform is not None else list(batches)
+        missing = sorted(set(self._analyze) - set(batches)) + sorted(set(transform) - set(batches))
+        if missing:
+            raise PipelineDefinitionError(f"AnalyzeAndTransform: splits {missing} are not among {sorted(batches)}")
+        config = tensor_adapter_config(self._arrow_schema, self._schema)
+        outputs = {}
+        with tft_beam.Context(temp_dir=self._temp_dir):
+            to_analyze = [batches[s] for s in self._analyze] | "AnalyzeSplits" >> beam.Flatten()
+            transform_fn = (to_analyze, config) | "Analyze" >> tft_beam.AnalyzeDataset(self._fn)
+            for split in transform:
+                data = self._second_reads.get(split, batches[split])
+                transformed, _ = ((data, config), transform_fn) | f"Transform[{split}]" >> (
+                    tft_beam.TransformDataset(output_record_batches=True)
+                )
+                outputs[split] = transformed | f"Batches[{split}]" >> beam.Map(lambda pair: pair[0])
+        return transform_fn, outputs
+
+
 class Transform(Component):
     """tf.Transform: fit on `analyze_splits`, apply to every split (or `transform_splits`).
 
@@ -213,48 +277,45 @@ class Transform(Component):
 
         examples = inputs["examples"]
         analyze, transform = self._splits(self.ctx.input_static["examples"]["splits"])
-        arrow_schema = self.ctx.input_static["examples"]["arrow_schema"]
         schema = self._input_schema(self.ctx.input_static)
-        config = tensor_adapter_config(arrow_schema, schema)
         graph_uri = self.ctx.output_uri("transform_graph")
         data_uri = self.ctx.output_uri("transformed_examples")
         temp_dir = FileSystems.join(graph_uri, TEMP_DIR)
         pipeline = next(iter(examples.values())).pipeline
-
+        # An analyzed split is read again rather than held for its transform.
+        again = {s: self.ctx.read_again("examples", s, examples[s]) for s in analyze if s in transform}
+        transform_fn, outputs = examples | "AnalyzeAndTransform" >> AnalyzeAndTransform(
+            self._load_fn(self.ctx.module_file("module_file", self.params["module_file"])),
+            self.ctx.input_static["examples"]["arrow_schema"],
+            schema,
+            analyze_splits=analyze,
+            transform_splits=transform,
+            temp_dir=temp_dir,
+            second_reads=again,
+        )
         with tft_beam.Context(temp_dir=temp_dir):
-            to_analyze = [examples[s] for s in analyze] | "AnalyzeSplits" >> beam.Flatten()
-            transform_fn = (to_analyze, config) | "Analyze" >> tft_beam.AnalyzeDataset(
-                self._load_fn(self.ctx.module_file("module_file", self.params["module_file"]))
-            )
             written = [
                 transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(graph_uri),
                 dataset_metadata.DatasetMetadata(schema)
                 | "WriteRawMetadata" >> tft_beam.WriteMetadata(FileSystems.join(graph_uri, "metadata"), pipeline),
             ]
-            outputs, counts = {}, []
-            for split in transform:
-                # An analyzed split is read again rather than held for this second consumer.
-                data = self.ctx.read_again("examples", split, examples[split]) if split in analyze else examples[split]
-                transformed, _ = ((data, config), transform_fn) | f"Transform[{split}]" >> (
-                    tft_beam.TransformDataset(output_record_batches=True)
-                )
-                batches = transformed | f"Batches[{split}]" >> beam.Map(lambda pair: pair[0])
-                outputs[split] = batches
-                counts.append(
+        counts = []
+        for split, batches in outputs.items():
+            counts.append(
+                batches
+                | f"Count[{split}]" >> beam.Map(lambda b, s=split: (s, b.num_rows))
+                | f"Sum[{split}]" >> beam.CombinePerKey(sum)
+            )
+            if self.params["materialize"]:
+                written.append(
                     batches
-                    | f"Count[{split}]" >> beam.Map(lambda b, s=split: (s, b.num_rows))
-                    | f"Sum[{split}]" >> beam.CombinePerKey(sum)
-                )
-                if self.params["materialize"]:
-                    written.append(
-                        batches
-                        | f"Write[{split}]"
-                        >> WriteBatchesToTFRecord(
-                            FileSystems.join(data_uri, f"Split-{split}", DATA_PREFIX),
-                            file_name_suffix=".gz",
-                            compression_type=beam.io.filesystem.CompressionTypes.GZIP,
-                        )
+                    | f"Write[{split}]"
+                    >> WriteBatchesToTFRecord(
+                        FileSystems.join(data_uri, f"Split-{split}", DATA_PREFIX),
+                        file_name_suffix=".gz",
+                        compression_type=beam.io.filesystem.CompressionTypes.GZIP,
                     )
+                )
 
         # TransformDataset reads the transform_fn from the temp dir: remove it only after every write.
         done = (
