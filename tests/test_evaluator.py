@@ -22,6 +22,7 @@ from beam_pipeline.errors import InputDataError, MetadataError, PipelineDefiniti
 from tests.helpers import run_components, store_at
 from tests.test_trainer import split_rows, taxi_trainer_components
 from tests.test_transform import TAXI_CSV, taxi_sample
+from transforms import evaluate_model
 from transforms import evaluator as ev
 from transforms.pusher import Pusher
 
@@ -381,7 +382,7 @@ def test_serialized_examples_leave_missing_values_absent():
         ],
         names=["x", "label"],
     )
-    fn = ev._AddSerializedExamples()
+    fn = evaluate_model._AddSerializedExamples()
     fn.setup()
     [out] = list(fn.process(batch))
     assert out.schema.names == [*batch.schema.names, tfma.ARROW_INPUT_COLUMN]

@@ -20,6 +20,7 @@ from beam_pipeline.errors import InputDataError
 from tests.helpers import store_at
 from transforms import _fast_metrics, evaluator
 from transforms.eval_config import binary_classification_eval_config, candidate_config
+from transforms.evaluate_model import EvaluateModel
 
 
 # -- comparing two TFMA output directories ------------------------------------------------------------------
@@ -195,24 +196,14 @@ def test_bad_model_outputs_fail_with_what_was_expected(overrides, message):
 
 
 # -- a real model on the taxi data -------------------------------------------------------------------------
-def _tfma_run(config: tfma.EvalConfig, models: list, data: str, path: str, per_batch: bool) -> None:
-    shared = models if len(models) > 1 else models[0]
-    options = {}
-    if per_batch:
-        extractors = tfma.default_extractors(eval_shared_model=shared, eval_config=config)
-        options = {
-            "extractors": [e for e in extractors if e.stage_name not in _fast_metrics.PER_EXAMPLE_EXTRACTORS],
-            "evaluators": [_fast_metrics.evaluator(config)],
-        }
+def _evaluate(config: tfma.EvalConfig, models: list[str], data: str, path: str, per_batch: bool) -> None:
+    """EvaluateModel in a bare Beam pipeline: candidate `models[0]` against baseline `models[1]`."""
     with beam.Pipeline() as p:
         _ = (
             p
             | beam.Create([data])
             | beam.FlatMap(lambda f: pq.read_table(f).to_batches(max_chunksize=700))
-            | beam.ParDo(evaluator._AddSerializedExamples())
-            | tfma.ExtractEvaluateAndWriteResults(
-                eval_shared_model=shared, eval_config=config, output_path=path, **options
-            )
+            | EvaluateModel(models[0], config, path, baseline_path=models[1], vectorized_metrics=per_batch)
         )
 
 
@@ -232,15 +223,11 @@ def test_taxi_model_and_its_baseline_get_tfmas_metrics_per_batch(model_store, tm
             max_regression={"auc": 0.0, "binary_crossentropy": 0.0},
         )
     )
-    config = tfma.utils.update_eval_config_with_defaults(config, has_baseline=True)
-    shared = [
-        tfma.default_eval_shared_model(eval_saved_model_path=m, model_name=name, eval_config=config)
-        for m, name in zip(models, (tfma.CANDIDATE_KEY, tfma.BASELINE_KEY), strict=True)
-    ]
-    assert len(data) == 1 and _fast_metrics.supported(config)
+    assert len(data) == 1
+    assert _fast_metrics.supported(tfma.utils.update_eval_config_with_defaults(config, has_baseline=True))
     fast, reference = str(tmp_path / "fast"), str(tmp_path / "tfma")
-    _tfma_run(config, shared, data[0], fast, per_batch=True)
-    _tfma_run(config, shared, data[0], reference, per_batch=False)
+    _evaluate(config, models, data[0], fast, per_batch=True)
+    _evaluate(config, models, data[0], reference, per_batch=False)
     _same_results(fast, reference)
     overall = next(m for m in tfma.load_metrics(fast) if not m.slice_key.single_slice_keys)
     auc = [

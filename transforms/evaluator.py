@@ -24,19 +24,17 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.compute as pc
 import tensorflow_model_analysis as tfma
 from google.protobuf import json_format
-from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
 
 from beam_pipeline import artifact_io, fingerprints
 from beam_pipeline.artifacts import EXAMPLES, MODEL, MODEL_BLESSING, MODEL_EVALUATION, PUSHED_MODEL, Artifact
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import InputDataError, MetadataError, PipelineDefinitionError
 from transforms import _example_io as io_
-from transforms import _fast_metrics
 from transforms._blessing import BLESSED_FILE, NOT_BLESSED_FILE, VALIDATION_FILE, Judge
 from transforms.eval_config import binary_classification_eval_config, candidate_config, parse_eval_config
+from transforms.evaluate_model import EvaluateModel
 
 __all__ = [
     "BLESSED_FILE",
@@ -48,8 +46,6 @@ __all__ = [
 ]
 
 SERVING_MODEL_DIR = "Format-Serving"
-# TFMA runs the model once per batch; ExampleGen batches can be whole file blocks.
-MAX_BATCH_ROWS = 2048
 
 
 class Evaluator(Component):
@@ -160,49 +156,21 @@ class Evaluator(Component):
     def expand(self, inputs: dict[str, Any]) -> dict[str, Any]:
         ctx = self.ctx
         model_committed = inputs["model"]
-        model_dir = artifact_io.join(ctx.input_uris["model"], SERVING_MODEL_DIR)
         baseline: Artifact | None = ctx.resolved.get("baseline_model")
-        config = tfma.utils.update_eval_config_with_defaults(
-            self.eval_config, has_baseline=baseline is not None, rubber_stamp=baseline is None
-        )
-        shared_models = [
-            tfma.default_eval_shared_model(
-                eval_saved_model_path=model_dir,
-                model_name=tfma.CANDIDATE_KEY if baseline else "",
-                eval_config=config,
-                rubber_stamp=baseline is None,
-            )
-        ]
-        if baseline is not None:
-            shared_models.append(
-                tfma.default_eval_shared_model(
-                    eval_saved_model_path=artifact_io.join(baseline.uri, SERVING_MODEL_DIR),
-                    model_name=tfma.BASELINE_KEY,
-                    eval_config=config,
-                )
-            )
-
-        shared = shared_models if baseline else shared_models[0]
         batches, evaluated_on = self._eval_batches(inputs, model_committed.pipeline)
         evaluation_uri = ctx.output_uri("evaluation")
-        written = (
+        files_written = (
             batches
             | "WaitForModel" >> beam.Map(lambda batch, _model: batch, beam.pvalue.AsSingleton(model_committed))
-            | "Rebatch" >> beam.FlatMap(_slices, MAX_BATCH_ROWS)
-            | "AddSerializedExamples" >> beam.ParDo(_AddSerializedExamples())
-            | "TFMA"
-            >> tfma.ExtractEvaluateAndWriteResults(
-                eval_shared_model=shared,
-                eval_config=config,
-                output_path=evaluation_uri,
-                display_only_data_location=evaluated_on,
-                **self._metrics_per_batch(config, shared),
+            | "Evaluate"
+            >> EvaluateModel(
+                artifact_io.join(ctx.input_uris["model"], SERVING_MODEL_DIR),
+                self.eval_config,
+                evaluation_uri,
+                baseline_path=artifact_io.join(baseline.uri, SERVING_MODEL_DIR) if baseline else None,
+                data_location=evaluated_on,
+                vectorized_metrics=self.vectorized_metrics,
             )
-        )
-        files_written = (
-            tuple(_pcollections(written))
-            | "EvaluationFiles" >> beam.Flatten()
-            | "EvaluationWritten" >> beam.combiners.Count.Globally()
         )
         ctx.publish(
             "evaluation", files_written | "EvaluationProperties" >> beam.Map(lambda _: {"evaluated_on": evaluated_on})
@@ -217,17 +185,6 @@ class Evaluator(Component):
         blessing = files_written | "Bless" >> beam.Map(judge, beam.pvalue.AsSingleton(model_committed))
         ctx.publish("blessing", blessing)
         return {}
-
-    def _metrics_per_batch(self, config: tfma.EvalConfig, shared: Any) -> dict[str, Any]:
-        """TFMA's extractors and our per-batch metrics evaluator, when the config allows (else TFMA's own)."""
-        if not (self.vectorized_metrics and _fast_metrics.supported(config)):
-            return {}
-        extractors = [
-            e
-            for e in tfma.default_extractors(eval_shared_model=shared, eval_config=config)
-            if e.stage_name not in _fast_metrics.PER_EXAMPLE_EXTRACTORS
-        ]
-        return {"extractors": extractors, "evaluators": [_fast_metrics.evaluator(config)]}
 
     def _eval_batches(self, inputs: dict[str, Any], pipeline: beam.Pipeline) -> tuple[beam.PCollection, str]:
         """The RecordBatches to evaluate and a description of where they come from."""
@@ -299,39 +256,3 @@ class _ReadFile(beam.DoFn):
             table, _ = io_.parse_csv_block(path, start, end, flat, "error")
         if table.num_rows:
             yield _conform(table, self._schema)
-
-
-# -- feeding TFMA ------------------------------------------------------------------------------------
-def _slices(batch: pa.RecordBatch, max_rows: int) -> Iterator[pa.RecordBatch]:
-    for start in range(0, batch.num_rows, max_rows):
-        yield batch.slice(start, max_rows)
-
-
-class _AddSerializedExamples(beam.DoFn):
-    """Append the serialized tf.Example of each row as TFMA's raw-record column.
-
-    Missing values arrive as null lists; an empty list (possible from Parquet or TFRecord input) is
-    encoded as null too, i.e. a feature without a value list, which tf.io.parse_example treats as
-    missing: a FixedLenFeature then gets its default instead of failing on zero values.
-    """
-
-    def setup(self) -> None:
-        self._encoder = RecordBatchToExamplesEncoder()
-
-    def process(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
-        columns = []
-        for column in batch.columns:
-            empty = pc.fill_null(pc.equal(pc.list_value_length(column), 0), True)
-            columns.append(pc.if_else(empty, pa.scalar(None, column.type), column))
-        serialized = self._encoder.encode(pa.RecordBatch.from_arrays(columns, schema=batch.schema))
-        raw = pa.array([[s] for s in serialized], pa.large_list(pa.large_binary()))
-        yield pa.RecordBatch.from_arrays([*batch.columns, raw], names=[*batch.schema.names, tfma.ARROW_INPUT_COLUMN])
-
-
-def _pcollections(value: Any) -> Iterator[beam.PCollection]:
-    """Every PCollection in TFMA's nested dict of writer results (each completes once its files exist)."""
-    if isinstance(value, beam.PCollection):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from _pcollections(v)
