@@ -281,3 +281,80 @@ def test_split_statistics_runs_in_a_bare_beam_pipeline():
     stats = p | beam.Create(batches) | SplitStatistics("train", slice_features=["species"])
     assert_that(stats, check)
     p.run().wait_until_finish()
+
+
+@pytest.mark.parametrize("threshold, drifted", [(0.01, True), (1.0, False)])
+def test_validate_statistics_runs_in_a_bare_beam_pipeline(threshold, drifted):
+    import apache_beam as beam
+    import pyarrow.csv as pv
+    import tensorflow_data_validation as tfdv
+    from apache_beam.testing.util import assert_that
+
+    from tests.conftest import PENGUIN_CSV
+    from transforms._arrow_layout import to_list_batch
+    from transforms.example_validator import ValidateStatistics
+    from transforms.statistics_gen import SplitStatistics
+
+    # The file is sorted by species: the first 200 rows (train) hold other species than the rest.
+    table = pv.read_csv(PENGUIN_CSV)
+    p = in_process_pipeline()
+    stats = {
+        split: p | f"Read[{split}]" >> beam.Create([to_list_batch(part)]) | f"Stats[{split}]" >> SplitStatistics(split)
+        for split, part in (("train", table.slice(0, 200)), ("eval", table.slice(200)))
+    }
+    schema = stats["train"] | beam.Map(tfdv.infer_schema)
+    anomalies = stats | ValidateStatistics(schema, drift_comparators={"body_mass_g": threshold})
+
+    def check(split, expect_drift):
+        def matcher(protos):
+            from tensorflow_metadata.proto.v0 import anomalies_pb2
+
+            (a,) = protos
+            reasons = [anomalies_pb2.AnomalyInfo.Type.Name(r.type) for r in a.anomaly_info["body_mass_g"].reason]
+            assert ("COMPARATOR_JENSEN_SHANNON_DIVERGENCE_HIGH" in reasons) == expect_drift, (split, a)
+
+        return matcher
+
+    assert_that(anomalies["train"], check("train", False), label="CheckTrain")
+    assert_that(anomalies["eval"], check("eval", drifted), label="CheckEval")
+    p.run().wait_until_finish()
+
+
+def test_drift_against_the_previous_run_compares_with_that_runs_statistics(tmp_path, taxi_small_csv):
+    import csv
+
+    from tensorflow_metadata.proto.v0 import anomalies_pb2
+
+    def run(path):
+        gen = ExampleGen(input_base=path)
+        stats = StatisticsGen(examples=gen.outputs.examples)
+        schema = SchemaGen(statistics=stats.outputs.statistics)
+        validator = ExampleValidator(
+            statistics=stats.outputs.statistics,
+            schema=schema.outputs.schema,
+            drift_comparators={"payment_type": 0.1},
+            drift_baseline="previous_run",
+        )
+        result = launcher.run(Pipeline("taxi", str(tmp_path / "root"), [gen, stats, schema, validator]))
+        anomalies = result.artifact("ExampleValidator", "anomalies")
+        out = {}
+        for split in anomalies.split_names:
+            proto = artifact_io.read_proto(
+                artifact_io.split_file(anomalies.uri, split, artifact_io.ANOMALIES_FILE), anomalies_pb2.Anomalies
+            )
+            info = proto.anomaly_info.get("payment_type")
+            out[split] = [anomalies_pb2.AnomalyInfo.Type.Name(r.type) for r in info.reason] if info else []
+        return out
+
+    # The next day every fare is paid in cash: far from the previous run's mix of payment types.
+    cash = tmp_path / "cash.csv"
+    with open(taxi_small_csv, newline="") as src, open(cash, "w", newline="") as dst:
+        reader = csv.DictReader(src)
+        writer = csv.DictWriter(dst, reader.fieldnames)
+        writer.writeheader()
+        writer.writerows({**row, "payment_type": "Cash"} for row in reader)
+    first = run(taxi_small_csv)
+    assert all("COMPARATOR_L_INFTY_HIGH" not in reasons for reasons in first.values())  # no previous run yet
+    second = run(str(cash))
+    assert set(second) == {"train", "eval"}
+    assert all("COMPARATOR_L_INFTY_HIGH" in reasons for reasons in second.values()), second

@@ -15,6 +15,55 @@ from beam_pipeline.errors import AnomaliesFoundError, PipelineDefinitionError
 PREVIOUS_RUN = "previous_run"
 
 
+class ValidateStatistics(beam.PTransform):
+    """TFDV anomalies of each split's statistics against a schema, with drift, in any Beam pipeline.
+
+    Example::
+
+        anomalies = stats | ValidateStatistics(schema, drift_comparators={"payment_type": 0.1})
+        # {split: PCollection[Anomalies]}; each split other than "train" is also compared to train
+
+    Input: `{split: PCollection[DatasetFeatureStatisticsList]}`; `schema` a one-element
+    PCollection[Schema]. `drift_comparators` maps feature → threshold (L-infinity distance for
+    categorical features, Jensen-Shannon divergence for numeric ones), compared against
+    `drift_baseline` (a split of the input) or, when given, `previous` (`{split: PCollection}` of
+    earlier statistics, e.g. the previous span's).
+    """
+
+    def __init__(
+        self,
+        schema: beam.PCollection,
+        *,
+        drift_comparators: Mapping[str, float] | None = None,
+        drift_baseline: str = "train",
+        previous: Mapping[str, beam.PCollection] | None = None,
+    ):
+        super().__init__()
+        self._schema, self._comparators = schema, dict(drift_comparators or {})
+        self._baseline, self._previous = drift_baseline, previous
+
+    def expand(self, stats: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        schema = beam.pvalue.AsSingleton(
+            self._schema | "Comparators" >> beam.Map(_with_drift_comparators, self._comparators)
+        )
+        drift = bool(self._comparators)
+        if drift and self._previous is None and self._baseline not in stats:
+            raise PipelineDefinitionError(
+                f"drift_baseline {self._baseline!r} is not a split ({sorted(stats)}) "
+                "and no previous statistics were given"
+            )
+        out = {}
+        for split, split_stats in stats.items():
+            baseline = None
+            if drift and self._previous is not None:
+                baseline = self._previous.get(split)
+            elif drift and self._baseline != split:
+                baseline = stats[self._baseline]
+            extra = {"previous": beam.pvalue.AsSingleton(baseline)} if baseline is not None else {}
+            out[split] = split_stats | f"Validate[{split}]" >> beam.Map(_validate, schema=schema, **extra)
+        return out
+
+
 class ExampleValidator(Component):
     """Anomalies per split: missing features, valency, unexpected strings, out of domain, and drift.
 
@@ -59,33 +108,36 @@ class ExampleValidator(Component):
 
         uri = self.ctx.output_uri("anomalies")
         stats: dict[str, beam.PCollection] = inputs["statistics"]
-        schema = beam.pvalue.AsSingleton(
-            inputs["schema"] | "Comparators" >> beam.Map(_with_drift_comparators, self.params["drift_comparators"])
-        )
         baseline_name = self.params["drift_baseline"]
-        previous = self.ctx.resolved.get("previous_statistics")
-        drift = bool(self.params["drift_comparators"])
-        if drift and baseline_name != PREVIOUS_RUN and baseline_name not in stats:
+        if self.params["drift_comparators"] and baseline_name != PREVIOUS_RUN and baseline_name not in stats:
             raise PipelineDefinitionError(
                 f"{self.id}: drift_baseline {baseline_name!r} is not a split ({sorted(stats)}) nor {PREVIOUS_RUN!r}"
             )
-        out, summaries = {}, []
-        for split, split_stats in stats.items():
-            baseline = None
-            if drift and baseline_name == PREVIOUS_RUN and previous is not None and split in previous.split_names:
-                baseline = split_stats.pipeline | f"Previous[{split}]" >> beam.Create(
+        previous = None
+        if baseline_name == PREVIOUS_RUN:  # the latest statistics in ML Metadata, where that run had the split
+            artifact = self.ctx.resolved.get("previous_statistics")
+            previous = {
+                split: stats[split].pipeline
+                | f"Previous[{split}]"
+                >> beam.Create(
                     [
                         artifact_io.read_proto(
-                            artifact_io.split_file(previous.uri, split, artifact_io.STATS_FILE),
+                            artifact_io.split_file(artifact.uri, split, artifact_io.STATS_FILE),
                             statistics_pb2.DatasetFeatureStatisticsList,
                         )
                     ]
                 )
-            elif drift and baseline_name in stats and baseline_name != split:
-                baseline = stats[baseline_name]
-            extra = {"previous": beam.pvalue.AsSingleton(baseline)} if baseline is not None else {}
-            anomalies = split_stats | f"Validate[{split}]" >> beam.Map(_validate, schema=schema, **extra)
-            out[split] = anomalies
+                for split in (artifact.split_names if artifact is not None else [])
+                if split in stats
+            }
+        out = stats | "Validate" >> ValidateStatistics(
+            inputs["schema"],
+            drift_comparators=self.params["drift_comparators"],
+            drift_baseline=baseline_name,
+            previous=previous,
+        )
+        summaries = []
+        for split, anomalies in out.items():
             written = anomalies | f"Write[{split}]" >> artifact_io.WriteProto(
                 artifact_io.split_file(uri, split, artifact_io.ANOMALIES_FILE)
             )
