@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_pipeline import artifact_io, fingerprints
-from beam_pipeline.errors import InputDataError
+from beam_pipeline.errors import InputDataError, PipelineDefinitionError
 from tests.helpers import executions_by_state, run_components, store_at
 from transforms import _example_io as io_
 from transforms.example_gen import ExampleGen
@@ -466,3 +466,36 @@ def test_the_remembered_types_are_the_files_own_and_follow_a_change(tmp_path):
     static = gen.static_outputs({})["examples"]
     assert static["flat_schema"].field("a").type == pa.float64()
     assert "column 'a' read as float64" in static["column_type_notes"][0]
+
+
+def test_read_examples_alone_gives_what_example_gen_commits(tmp_path, taxi_small_csv):
+    from apache_beam.testing.util import assert_that
+
+    from tests.helpers import in_process_pipeline
+    from transforms.example_gen import ReadExamples
+
+    committed = run_components(tmp_path / "root", [ExampleGen(input_base=taxi_small_csv)]).artifact(
+        "ExampleGen", "examples"
+    )
+    read = ReadExamples(taxi_small_csv)
+    p = in_process_pipeline()
+    examples = p | read
+    for split in ("train", "eval"):
+        expected = pa.Table.from_batches(
+            artifact_io.read_parquet_batches(os.path.join(committed.split_uri(split), "*.parquet"))
+        )
+
+        def same_rows(batches, expected=expected):
+            got = pa.Table.from_batches(batches, schema=read.arrow_schema)
+            assert got.num_rows == expected.num_rows > 0
+            assert sorted(map(str, got.to_pylist())) == sorted(map(str, expected.to_pylist()))
+
+        assert_that(examples[split], same_rows, label=f"Same[{split}]")
+    p.run().wait_until_finish()
+
+
+def test_read_examples_validates_when_built(tmp_path):
+    from transforms.example_gen import ReadExamples
+
+    with pytest.raises(PipelineDefinitionError, match="format 'xml': expected one of"):
+        ReadExamples(str(tmp_path / "*.csv"), format="xml")

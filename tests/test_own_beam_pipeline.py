@@ -13,7 +13,8 @@ def test_the_transforms_run_in_a_plain_beam_pipeline(tmp_path, capsys):
 
     run(PENGUIN_CSV, str(tmp_path))
     stats = tfdv.load_stats_text(str(tmp_path / "train_stats.pbtxt"))
-    assert stats.datasets[0].name == "train" and stats.datasets[0].num_examples == 250
+    train_rows = stats.datasets[0].num_examples
+    assert stats.datasets[0].name == "train" and 200 < train_rows < 300  # 3 of 4 of the 334 rows, by hash
     output = tft.TFTransformOutput(str(tmp_path / "transform_fn"))
     assert set(output.transformed_feature_spec()) == {"culmen_z", "species"}
-    assert "eval rows transformed: 84" in capsys.readouterr().out
+    assert f"eval rows transformed: {334 - train_rows}" in capsys.readouterr().out

@@ -32,7 +32,8 @@ from transforms._parquet_tfrecord import (
 )
 from transforms._split_hash import assign_splits, row_hashes
 
-__all__ = ["ExampleGen", "to_list_batch"]  # to_list_batch: ExampleGen's layout, for the transforms used alone
+# to_list_batch: ExampleGen's layout, for the transforms used alone.
+__all__ = ["ExampleGen", "ReadExamples", "to_list_batch"]
 
 FORMATS = ("csv", "parquet", "tfrecord")
 QUARANTINE_DIR = "Quarantine"
@@ -60,27 +61,11 @@ class ExampleGen(Component):
         block_size_bytes: int = 32 << 20,
         component_id: str | None = None,
     ):
-        if format not in FORMATS:
-            raise PipelineDefinitionError(f"ExampleGen format {format!r}: expected one of {FORMATS}")
-        if on_bad_record not in ("error", "skip"):
-            raise PipelineDefinitionError(f"on_bad_record={on_bad_record!r}: expected 'error' or 'skip'")
-        splits = dict(splits or {"train": 2, "eval": 1})
-        if not splits or any(not isinstance(w, int) or w <= 0 for w in splits.values()):
-            raise PipelineDefinitionError(
-                f"splits {splits}: expected positive integer weights, e.g. {{'train': 2, 'eval': 1}}"
-            )
-        patterns = [input_base] if isinstance(input_base, str) else list(input_base)
         super().__init__(
             inputs={},
-            params={
-                "input_base": patterns,
-                "format": format,
-                "splits": splits,
-                "partition_feature": partition_feature,
-                "column_types": dict(column_types or {}),
-                "on_bad_record": on_bad_record,
-                "block_size_bytes": block_size_bytes,
-            },
+            params=_params(
+                input_base, format, splits, partition_feature, column_types, on_bad_record, block_size_bytes
+            ),
             component_id=component_id,
         )
 
@@ -99,25 +84,7 @@ class ExampleGen(Component):
         return self._plan_input(match_metadata(self.params["input_base"]))[0]
 
     def _plan_input(self, found: list[FileMetadata]) -> tuple[pa.Schema, list[str]]:
-        """(flat schema, notes on widened column types) of the files, remembered by their fingerprint.
-
-        Finding the types reads data (every row of a CSV, the first records of TFRecords); an input
-        whose fingerprint is unchanged gets the types found last time, without reading a byte.
-        """
-        fmt, files = self.params["format"], [m.path for m in found]
-        name = json.dumps([fmt, self.params["input_base"], self.params["column_types"]])
-        valid_for = json.dumps([_PLAN_VERSION, _input_fingerprint(found), caching.library_versions()])
-        known = fingerprints.recall(_INPUT_SCHEMAS, name, valid_for)
-        if known is not None:
-            schema, notes = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(known["schema"]))), known["notes"]
-        else:
-            schema, notes = _find_schema(fmt, files, self.params["column_types"])
-            encoded = base64.b64encode(schema.serialize().to_pybytes()).decode()
-            fingerprints.remember(_INPUT_SCHEMAS, name, valid_for, {"schema": encoded, "notes": notes})
-        feature = self.params["partition_feature"]
-        if feature and feature not in schema.names:
-            raise InputDataError(f"partition_feature {feature!r} is not a column of {files[0]}: {schema.names}")
-        return schema, notes
+        return _plan_input(self.params, found)
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         found = match_metadata(self.params["input_base"])
@@ -139,29 +106,9 @@ class ExampleGen(Component):
     def expand(self, pbegin):
         uri = self.ctx.output_uri("examples")
         static = self.ctx.output_static["examples"]
-        files, notes = static["files"], static["column_type_notes"]
+        notes = static["column_type_notes"]
         splits = list(self.params["splits"])
-        fmt = self.params["format"]
-        if fmt == "csv":
-            units = [r for f in files for r in byte_ranges(f, self.params["block_size_bytes"])]
-        elif fmt == "parquet":
-            units = [r for f in files for r in parquet_row_groups(f)]
-        else:
-            units = [(f, 0, 0) for f in files]
-        read = _ReadSplitWrite(
-            fmt=fmt,
-            schema=static["flat_schema"],
-            splits=dict(self.params["splits"]),
-            partition_feature=self.params["partition_feature"],
-            on_bad_record=self.params["on_bad_record"],
-            uri=uri,
-        )
-        tagged = (
-            pbegin
-            | "Units" >> beam.Create([(i, u) for i, u in enumerate(units)], reshuffle=False)
-            | "Distribute" >> beam.Reshuffle()
-            | "ReadSplitWrite" >> beam.ParDo(read).with_outputs(_COUNTS, *splits)
-        )
+        tagged = _read_splits(pbegin, self.params, static["files"], static["flat_schema"], uri)
         counts = tagged[_COUNTS] | "SumCounts" >> beam.CombineGlobally(_sum_counts)
         properties = counts | "Properties" >> beam.Map(
             lambda c, names=tuple(splits), notes=tuple(notes): {
@@ -176,6 +123,120 @@ class ExampleGen(Component):
         return {"examples": {s: tagged[s] for s in splits}}
 
 
+class ReadExamples(beam.PTransform):
+    """CSV, Parquet or TFRecord (tf.Example) files as RecordBatches per split: ExampleGen's data work alone.
+
+    Example::
+
+        examples = p | ReadExamples("data/*.csv", splits={"train": 2, "eval": 1})
+        stats = examples["train"] | SplitStatistics("train")
+
+    Output: `{split: PCollection[RecordBatch]}` with large_list columns (`arrow_schema`). Rows go to
+    splits by a hash of their content (or of `partition_feature`), the same on every run and runner.
+    Column types are decided when the transform is built (for CSV, a scan of every row, remembered
+    by the files' fingerprint) and enforced on every block. A bad record fails the read naming its
+    file and line (`on_bad_record="error"`), or is dropped (`"skip"`; ExampleGen also quarantines
+    and counts them).
+    """
+
+    def __init__(
+        self,
+        input_base: str | Sequence[str],
+        *,
+        format: str = "csv",
+        splits: Mapping[str, int] | None = None,
+        partition_feature: str | None = None,
+        column_types: Mapping[str, str] | None = None,
+        on_bad_record: str = "error",
+        block_size_bytes: int = 32 << 20,
+    ):
+        super().__init__()
+        self._params = _params(
+            input_base, format, splits, partition_feature, column_types, on_bad_record, block_size_bytes
+        )
+        found = match_metadata(self._params["input_base"])
+        self._files = [m.path for m in found]
+        self._schema = _plan_input(self._params, found)[0]
+
+    @property
+    def arrow_schema(self) -> pa.Schema:
+        """The output batches' schema (large_list columns)."""
+        return list_schema(self._schema)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
+        tagged = _read_splits(pbegin, self._params, self._files, self._schema, uri=None)
+        return {s: tagged[s] for s in self._params["splits"]}
+
+
+def _params(input_base, format, splits, partition_feature, column_types, on_bad_record, block_size_bytes) -> dict:
+    """The validated configuration shared by ExampleGen and ReadExamples."""
+    if format not in FORMATS:
+        raise PipelineDefinitionError(f"ExampleGen format {format!r}: expected one of {FORMATS}")
+    if on_bad_record not in ("error", "skip"):
+        raise PipelineDefinitionError(f"on_bad_record={on_bad_record!r}: expected 'error' or 'skip'")
+    splits = dict(splits or {"train": 2, "eval": 1})
+    if not splits or any(not isinstance(w, int) or w <= 0 for w in splits.values()):
+        raise PipelineDefinitionError(
+            f"splits {splits}: expected positive integer weights, e.g. {{'train': 2, 'eval': 1}}"
+        )
+    return {
+        "input_base": [input_base] if isinstance(input_base, str) else list(input_base),
+        "format": format,
+        "splits": splits,
+        "partition_feature": partition_feature,
+        "column_types": dict(column_types or {}),
+        "on_bad_record": on_bad_record,
+        "block_size_bytes": block_size_bytes,
+    }
+
+
+def _read_splits(pbegin, params: Mapping[str, Any], files: list[str], schema: pa.Schema, uri: str | None):
+    """The tagged outputs of reading every unit of `files`: one per split, plus `_COUNTS`."""
+    fmt = params["format"]
+    if fmt == "csv":
+        units = [r for f in files for r in byte_ranges(f, params["block_size_bytes"])]
+    elif fmt == "parquet":
+        units = [r for f in files for r in parquet_row_groups(f)]
+    else:
+        units = [(f, 0, 0) for f in files]
+    read = _ReadSplitWrite(
+        fmt=fmt,
+        schema=schema,
+        splits=dict(params["splits"]),
+        partition_feature=params["partition_feature"],
+        on_bad_record=params["on_bad_record"],
+        uri=uri,
+    )
+    return (
+        pbegin
+        | "Units" >> beam.Create([(i, u) for i, u in enumerate(units)], reshuffle=False)
+        | "Distribute" >> beam.Reshuffle()
+        | "ReadSplitWrite" >> beam.ParDo(read).with_outputs(_COUNTS, *params["splits"])
+    )
+
+
+def _plan_input(params: Mapping[str, Any], found: list[FileMetadata]) -> tuple[pa.Schema, list[str]]:
+    """(flat schema, notes on widened column types) of the files, remembered by their fingerprint.
+
+    Finding the types reads data (every row of a CSV, the first records of TFRecords); an input
+    whose fingerprint is unchanged gets the types found last time, without reading a byte.
+    """
+    fmt, files = params["format"], [m.path for m in found]
+    name = json.dumps([fmt, params["input_base"], params["column_types"]])
+    valid_for = json.dumps([_PLAN_VERSION, _input_fingerprint(found), caching.library_versions()])
+    known = fingerprints.recall(_INPUT_SCHEMAS, name, valid_for)
+    if known is not None:
+        schema, notes = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(known["schema"]))), known["notes"]
+    else:
+        schema, notes = _find_schema(fmt, files, params["column_types"])
+        encoded = base64.b64encode(schema.serialize().to_pybytes()).decode()
+        fingerprints.remember(_INPUT_SCHEMAS, name, valid_for, {"schema": encoded, "notes": notes})
+    feature = params["partition_feature"]
+    if feature and feature not in schema.names:
+        raise InputDataError(f"partition_feature {feature!r} is not a column of {files[0]}: {schema.names}")
+    return schema, notes
+
+
 _COUNTS, _BAD = "__counts__", "__bad__"
 
 
@@ -188,7 +249,7 @@ def _sum_counts(dicts) -> dict[str, int]:
 
 
 class _ReadSplitWrite(beam.DoFn):
-    """One unit of input (byte range / row group / file) → RecordBatch per split + Parquet part file."""
+    """One unit of input (byte range / row group / file) → RecordBatch per split (+ Parquet part file under `uri`)."""
 
     def __init__(self, *, fmt, schema, splits, partition_feature, on_bad_record, uri):
         self._fmt, self._schema, self._splits = fmt, schema, splits
@@ -204,7 +265,7 @@ class _ReadSplitWrite(beam.DoFn):
         else:
             table = read_tfrecord(path, self._schema)
         counts: dict[str, int] = {_BAD: len(bad)}
-        if bad:
+        if bad and self._uri is not None:
             artifact_io.write_text(
                 artifact_io.join(self._uri, QUARANTINE_DIR, f"part-{index:05d}.txt"),
                 "".join(b.render() + "\n" for b in bad),
@@ -217,9 +278,10 @@ class _ReadSplitWrite(beam.DoFn):
                     continue
                 # Take on the flat columns, then build lists: cheaper than taking from list arrays.
                 part = to_list_batch(table.take(pa.array(rows)) if len(rows) != table.num_rows else table)
-                path_out = artifact_io.join(self._uri, f"Split-{split}", f"part-{index:05d}.parquet")
-                with FileSystems.create(path_out) as f:
-                    pq.write_table(pa.Table.from_batches([part]), f, compression="snappy")
+                if self._uri is not None:  # one file per unit: a retried bundle rewrites its own file
+                    path_out = artifact_io.join(self._uri, f"Split-{split}", f"part-{index:05d}.parquet")
+                    with FileSystems.create(path_out) as f:
+                        pq.write_table(pa.Table.from_batches([part]), f, compression="snappy")
                 yield beam.pvalue.TaggedOutput(split, part)
         yield beam.pvalue.TaggedOutput(_COUNTS, counts)
 

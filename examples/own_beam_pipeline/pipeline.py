@@ -1,7 +1,7 @@
 """Our data transforms in a plain Beam pipeline: statistics and tf.Transform on the penguin data.
 
-No pipeline root, no ML Metadata: `SplitStatistics` and `AnalyzeAndTransform` are ordinary Beam
-PTransforms over RecordBatches with list-typed columns (`to_list_batch` gives that layout).
+No pipeline root, no ML Metadata: `ReadExamples`, `SplitStatistics` and `AnalyzeAndTransform` are
+ordinary Beam PTransforms over RecordBatches with list-typed columns.
 
     python examples/own_beam_pipeline/pipeline.py tests/data/penguins_processed.csv /tmp/penguin-out
 """
@@ -12,13 +12,12 @@ import os
 import sys
 
 import apache_beam as beam
-import pyarrow.csv as pv
 import tensorflow_data_validation as tfdv
 import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from transforms.example_gen import to_list_batch
+from transforms.example_gen import ReadExamples
 from transforms.statistics_gen import SplitStatistics
 from transforms.transform import AnalyzeAndTransform
 
@@ -28,17 +27,16 @@ def preprocessing_fn(inputs):
 
 
 def run(csv_path: str, out_dir: str, beam_args: list[str] | None = None) -> None:
-    table = pv.read_csv(csv_path)
-    train, evals = to_list_batch(table.slice(0, 250)), to_list_batch(table.slice(250))
+    read = ReadExamples(csv_path, splits={"train": 3, "eval": 1})  # column types are found here
     with beam.Pipeline(argv=beam_args or []) as p:
-        batches = {"train": p | "Train" >> beam.Create([train]), "eval": p | "Eval" >> beam.Create([evals])}
+        batches = p | read  # {"train": PCollection[RecordBatch], "eval": ...}, split by a hash of each row
         _ = (
             batches["train"]
             | SplitStatistics("train")
             | beam.Map(tfdv.write_stats_text, os.path.join(out_dir, "train_stats.pbtxt"))
         )
         transform_fn, transformed = batches | AnalyzeAndTransform(
-            preprocessing_fn, train.schema, temp_dir=os.path.join(out_dir, "tmp")
+            preprocessing_fn, read.arrow_schema, temp_dir=os.path.join(out_dir, "tmp")
         )
         _ = transform_fn | tft_beam.WriteTransformFn(os.path.join(out_dir, "transform_fn"))
         _ = (
