@@ -18,7 +18,9 @@ from transforms.schema_gen import ImportSchemaGen, SchemaGen
 from transforms.statistics_gen import StatisticsGen
 
 
-def data_half(path: str, root, halt: bool = False, schema_file: str | None = None, **gen_args) -> Pipeline:
+def data_half(
+    path: str, root, halt: bool = False, schema_file: str | None = None, drift_baseline: str = "train", **gen_args
+) -> Pipeline:
     gen = ExampleGen(input_base=path, **gen_args)
     stats = StatisticsGen(examples=gen.outputs.examples)
     schema = ImportSchemaGen(schema_file=schema_file) if schema_file else SchemaGen(statistics=stats.outputs.statistics)
@@ -26,6 +28,7 @@ def data_half(path: str, root, halt: bool = False, schema_file: str | None = Non
         statistics=stats.outputs.statistics,
         schema=schema.outputs.schema,
         drift_comparators={"payment_type": 0.1},
+        drift_baseline=drift_baseline,
         halt_on_anomalies=halt,
     )
     return Pipeline("taxi", str(root), [gen, stats, schema, validator])
@@ -326,16 +329,7 @@ def test_drift_against_the_previous_run_compares_with_that_runs_statistics(tmp_p
     from tensorflow_metadata.proto.v0 import anomalies_pb2
 
     def run(path):
-        gen = ExampleGen(input_base=path)
-        stats = StatisticsGen(examples=gen.outputs.examples)
-        schema = SchemaGen(statistics=stats.outputs.statistics)
-        validator = ExampleValidator(
-            statistics=stats.outputs.statistics,
-            schema=schema.outputs.schema,
-            drift_comparators={"payment_type": 0.1},
-            drift_baseline="previous_run",
-        )
-        result = launcher.run(Pipeline("taxi", str(tmp_path / "root"), [gen, stats, schema, validator]))
+        result = launcher.run(data_half(path, tmp_path / "root", drift_baseline="previous_run"))
         anomalies = result.artifact("ExampleValidator", "anomalies")
         out = {}
         for split in anomalies.split_names:
