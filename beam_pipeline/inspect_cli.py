@@ -226,14 +226,14 @@ def diff(store: Any, lhs: int, rhs: int, fmt: str) -> None:
     else:
         moved = (
             (drift["mean_change_pct"].abs().fillna(0) > 1)
-            | (drift["linf"].fillna(0) > 0.01)
+            | (drift["drift"].fillna(0) > 0.01)
             | (drift["lhs_unique"].fillna(-1) != drift["rhs_unique"].fillna(-1))
         )
         changed = drift[moved]
         _print_frame(
             changed,
             "table",
-            f"Statistics that moved (|mean change| > 1% or L-inf > 0.01): {len(changed)} of {len(drift)}",
+            f"Statistics that moved (|mean change| > 1% or TFDV drift > 0.01): {len(changed)} of {len(drift)}",
         )
     if not result.code:
         click.echo("User code: no differences")

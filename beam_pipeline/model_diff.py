@@ -121,23 +121,6 @@ def _schema_diff(lhs: Artifact | None, rhs: Artifact | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _categorical_distribution(feature: Any) -> dict[str, float]:
-    s = feature.string_stats
-    buckets = [(b.label, b.sample_count) for b in s.rank_histogram.buckets] or [
-        (v.value, v.frequency) for v in s.top_values
-    ]
-    total = sum(count for _, count in buckets)
-    return {label: count / total for label, count in buckets} if total else {}
-
-
-def linf_distance(lhs_feature: Any, rhs_feature: Any) -> float | None:
-    """TFDV's drift measure for categorical features: the largest change in any value's share."""
-    a, b = _categorical_distribution(lhs_feature), _categorical_distribution(rhs_feature)
-    if not a or not b:
-        return None
-    return max(abs(a.get(v, 0.0) - b.get(v, 0.0)) for v in set(a) | set(b))
-
-
 STATISTICS_DIFF_COLUMNS = (
     "feature",
     "kind",
@@ -148,52 +131,72 @@ STATISTICS_DIFF_COLUMNS = (
     "rhs_std",
     "lhs_unique",
     "rhs_unique",
-    "linf",
+    "drift",
+    "drift_measure",
 )
+_MEASURES = {"L_INFTY": "L-infinity", "JENSEN_SHANNON_DIVERGENCE": "Jensen-Shannon"}
+
+
+def drift(lhs_stats: Any, rhs_stats: Any) -> dict[str, tuple[str, float]]:
+    """TFDV's own drift measurement of each feature from `lhs_stats` to `rhs_stats`: name → (measure, value).
+
+    What ExampleValidator's drift comparators compute: L-infinity distance for categorical features,
+    Jensen-Shannon divergence for numeric ones; from the whole-split dataset of each side.
+    """
+    import tensorflow_data_validation as tfdv
+    from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
+
+    def whole(stats: Any) -> Any:
+        return statistics_pb2.DatasetFeatureStatisticsList(datasets=[stats.datasets[0]])
+
+    lhs, rhs = whole(lhs_stats), whole(rhs_stats)
+    schema = tfdv.infer_schema(lhs)
+    categorical = {feature_name(f) for f in lhs.datasets[0].features if f.HasField("string_stats")}
+    numeric = {feature_name(f) for f in lhs.datasets[0].features if f.num_stats.histograms}
+    for feature in schema.feature:
+        if feature.name in categorical:
+            feature.drift_comparator.infinity_norm.threshold = 1.0  # the largest value: measured, never flagged
+        elif feature.name in numeric:
+            feature.drift_comparator.jensen_shannon_divergence.threshold = 1.0
+    anomalies = tfdv.validate_statistics(rhs, schema, previous_statistics=lhs)
+    out = {}
+    for info in anomalies.drift_skew_info:
+        for m in info.drift_measurements:
+            kind = anomalies_pb2.DriftSkewInfo.Measurement.Type.Name(m.type)
+            out[".".join(info.path.step)] = (_MEASURES.get(kind, kind), m.value)
+    return out
 
 
 def statistics_diff(lhs_stats: Any, rhs_stats: Any) -> pd.DataFrame:
-    """Per feature: mean/std change for numbers, unique-count change and L-inf distance for categories."""
+    """Per feature: mean/std change for numbers, unique-count change for categories, and TFDV's drift."""
 
     def features(stats: Any) -> dict[str, Any]:
-        return {feature_name(f): f for d in stats.datasets for f in d.features}
+        return {feature_name(f): f for d in stats.datasets[:1] for f in d.features}
 
     left, right = features(lhs_stats), features(rhs_stats)
+    measured = drift(lhs_stats, rhs_stats) if left and right else {}
     rows = []
     for name in sorted(set(left) & set(right)):
         a, b = left[name], right[name]
+        measure, value = measured.get(name, (None, None))
+        row = dict.fromkeys(STATISTICS_DIFF_COLUMNS)
+        row.update(feature=name, drift=value, drift_measure=measure)
         if a.HasField("num_stats") and b.HasField("num_stats"):
             change = b.num_stats.mean - a.num_stats.mean
             scale = abs(a.num_stats.mean) or 1.0
-            rows.append(
-                {
-                    "feature": name,
-                    "kind": "numeric",
-                    "lhs_mean": a.num_stats.mean,
-                    "rhs_mean": b.num_stats.mean,
-                    "mean_change_pct": 100.0 * change / scale,
-                    "lhs_std": a.num_stats.std_dev,
-                    "rhs_std": b.num_stats.std_dev,
-                    "lhs_unique": None,
-                    "rhs_unique": None,
-                    "linf": None,
-                }
+            row.update(
+                kind="numeric",
+                lhs_mean=a.num_stats.mean,
+                rhs_mean=b.num_stats.mean,
+                mean_change_pct=100.0 * change / scale,
+                lhs_std=a.num_stats.std_dev,
+                rhs_std=b.num_stats.std_dev,
             )
         elif a.HasField("string_stats") and b.HasField("string_stats"):
-            rows.append(
-                {
-                    "feature": name,
-                    "kind": "categorical",
-                    "lhs_mean": None,
-                    "rhs_mean": None,
-                    "mean_change_pct": None,
-                    "lhs_std": None,
-                    "rhs_std": None,
-                    "lhs_unique": a.string_stats.unique,
-                    "rhs_unique": b.string_stats.unique,
-                    "linf": linf_distance(a, b),
-                }
-            )
+            row.update(kind="categorical", lhs_unique=a.string_stats.unique, rhs_unique=b.string_stats.unique)
+        else:
+            continue
+        rows.append(row)
     return pd.DataFrame(rows, columns=list(STATISTICS_DIFF_COLUMNS))
 
 

@@ -16,7 +16,7 @@ This module re-exports the public names; each job lives in its own module:
   `read_anomalies`) and their tables (`statistics_frame`, `schema_frame`, `anomalies_frame`, `feature_name`).
 * `metric_tables`: evaluation metrics (`load_eval_result`, `metrics_frame`, `model_metrics`, `OVERALL`).
 * `tensorboard_server`: TensorBoard on a model's training logs (`start_tensorboard`, `TensorBoardServer`).
-* `model_diff`: the diff of two models (`diff`, `ModelDiff`, `statistics_diff`, `linf_distance`,
+* `model_diff`: the diff of two models (`diff`, `ModelDiff`, `statistics_diff`, `drift`,
   `module_source`, `STATISTICS_DIFF_COLUMNS`).
 """
 
@@ -45,7 +45,7 @@ from beam_pipeline.model_diff import (
     STATISTICS_DIFF_COLUMNS,
     ModelDiff,
     diff,
-    linf_distance,
+    drift,
     module_source,
     statistics_diff,
 )
@@ -81,13 +81,13 @@ __all__ = [
     "anomalies_frame",
     "consumers",
     "diff",
+    "drift",
     "execution_config",
     "executions",
     "feature_name",
     "flatten",
     "get_artifact",
     "latest_run_id",
-    "linf_distance",
     "load_eval_result",
     "metrics_frame",
     "model_evaluation",

@@ -238,7 +238,7 @@ _SIDE_BY_SIDE = ("count", "missing_pct", "mean", "std", "unique")
 def _side_by_side(lhs: Any, rhs: Any) -> pd.DataFrame:
     left = queries.statistics_frame(lhs).set_index("feature")
     right = queries.statistics_frame(rhs).set_index("feature")
-    drift = queries.statistics_diff(lhs, rhs).set_index("feature")[["mean_change_pct", "linf"]]
+    drift = queries.statistics_diff(lhs, rhs).set_index("feature")[["mean_change_pct", "drift", "drift_measure"]]
     rows = []
     for feature in sorted(set(left.index) | set(right.index)):
         side = left if feature in left.index else right
@@ -246,7 +246,8 @@ def _side_by_side(lhs: Any, rhs: Any) -> pd.DataFrame:
             "feature": feature,
             "type": side["type"].get(feature),
             "mean change %": drift["mean_change_pct"].get(feature),
-            "L-inf": drift["linf"].get(feature),
+            "drift (TFDV)": drift["drift"].get(feature),
+            "drift measure": drift["drift_measure"].get(feature),
         }
         for column in _SIDE_BY_SIDE:
             row[f"lhs {column}"] = left[column].get(feature) if feature in left.index else None

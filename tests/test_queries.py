@@ -14,9 +14,9 @@ import urllib.request
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
-from tensorflow_metadata.proto.v0 import statistics_pb2
 
 from beam_pipeline import lineage, queries
 from beam_pipeline.cli import main
@@ -68,17 +68,24 @@ def test_metrics_frame_orders_slices_by_value_and_keeps_overall_first():
         queries.metrics_frame(result, "day")
 
 
-def test_linf_distance_is_the_largest_change_in_one_values_share():
-    def feature(counts):
-        f = statistics_pb2.FeatureNameStatistics(name="payment_type")
-        for label, count in counts.items():
-            f.string_stats.rank_histogram.buckets.add(label=label, sample_count=count)
-        return f
+def test_statistics_drift_is_tfdvs_own_measurement():
+    import pandas as pd
+    import tensorflow_data_validation as tfdv
 
-    assert queries.linf_distance(feature({"cash": 50, "card": 50}), feature({"cash": 80, "card": 20})) == pytest.approx(
-        0.3
-    )
-    assert queries.linf_distance(feature({"cash": 1}), feature({"card": 1})) == pytest.approx(1.0)
+    def stats(cash: int, fare_shift: float):
+        return tfdv.generate_statistics_from_dataframe(
+            pd.DataFrame(
+                {"payment": ["cash"] * cash + ["card"] * (100 - cash), "fare": np.linspace(0, 10, 100) + fare_shift}
+            )
+        )
+
+    day_one, day_two = stats(50, 0.0), stats(80, 5.0)
+    moved = queries.statistics_diff(day_one, day_two).set_index("feature")
+    # The largest change in one value's share (50% -> 80% cash), as ExampleValidator's comparator says.
+    assert moved.loc["payment", "drift_measure"] == "L-infinity"
+    assert moved.loc["payment", "drift"] == pytest.approx(0.3)
+    assert moved.loc["fare", "drift_measure"] == "Jensen-Shannon" and 0.1 < moved.loc["fare", "drift"] <= 1
+    assert queries.statistics_diff(day_one, day_one)["drift"].max() == pytest.approx(0.0)
 
 
 def test_store_must_be_named_and_must_exist(tmp_path):
@@ -279,7 +286,7 @@ def test_diff_shows_data_code_config_statistics_and_metrics(model_store):
         100 * (fare["rhs_mean"] - fare["lhs_mean"]) / abs(fare["lhs_mean"])
     )
     payment = result.statistics[result.statistics["feature"] == "payment_type"].iloc[0]
-    assert 0 <= payment["linf"] <= 1
+    assert payment["drift_measure"] == "L-infinity" and 0 <= payment["drift"] <= 1
     assert set(result.metrics["metric"]) >= {"auc", "binary_accuracy", "example_count"}
     changes = result.metrics.set_index("metric")["change"]
     assert changes[["auc", "binary_accuracy", "example_count"]].notna().all()  # both models were evaluated
