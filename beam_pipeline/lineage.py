@@ -15,6 +15,7 @@ import pandas as pd
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
 from beam_pipeline import artifact_io, graph_drawing, queries
+from beam_pipeline._lineage_walk import walk
 from beam_pipeline.errors import BeamPipelineError, MetadataError
 from beam_pipeline.metadata import MetadataStore
 
@@ -118,46 +119,6 @@ def _node_for_execution(execution: mlmd_pb2.Execution, hops: int) -> dict[str, A
     }
 
 
-def _walk(store: MetadataStore, artifact_id: int, num_hops: int, upward: bool) -> tuple[dict, dict, set]:
-    """Breadth-first over events, one hop per artifact<->execution edge, in one direction."""
-    artifact_hops: dict[int, int] = {artifact_id: 0}
-    execution_hops: dict[int, int] = {}
-    edges: set[tuple[str, str, str, str]] = set()
-    frontier_artifacts, hop = [artifact_id], 0
-    # From an artifact, upstream follows OUTPUT events to producers; from an execution, its INPUTs.
-    to_execution = mlmd_pb2.Event.OUTPUT if upward else mlmd_pb2.Event.INPUT
-    to_artifact = mlmd_pb2.Event.INPUT if upward else mlmd_pb2.Event.OUTPUT
-    while frontier_artifacts and hop < num_hops:
-        hop += 1
-        new_executions = []
-        for ev in store.mlmd.get_events_by_artifact_ids(frontier_artifacts):
-            if ev.type != to_execution:
-                continue
-            edges.add(_edge(ev))
-            if ev.execution_id not in execution_hops:
-                execution_hops[ev.execution_id] = hop
-                new_executions.append(ev.execution_id)
-        if not new_executions or hop >= num_hops:
-            break
-        hop += 1
-        frontier_artifacts = []
-        for ev in store.mlmd.get_events_by_execution_ids(new_executions):
-            if ev.type != to_artifact:
-                continue
-            edges.add(_edge(ev))
-            if ev.artifact_id not in artifact_hops:
-                artifact_hops[ev.artifact_id] = hop
-                frontier_artifacts.append(ev.artifact_id)
-    return artifact_hops, execution_hops, edges
-
-
-def _edge(ev: mlmd_pb2.Event) -> tuple[str, str, str, str]:
-    name = ev.path.steps[0].key if ev.path.steps else ""
-    if ev.type == mlmd_pb2.Event.INPUT:
-        return (f"artifact:{ev.artifact_id}", f"execution:{ev.execution_id}", "INPUT", name)
-    return (f"execution:{ev.execution_id}", f"artifact:{ev.artifact_id}", "OUTPUT", name)
-
-
 def lineage(store: MetadataStore | str, artifact_id: int, num_hops: int = 4, direction: str = "both") -> LineageGraph:
     """The artifact's lineage within `num_hops` edges, upstream (`up`), downstream (`down`) or `both`."""
     if direction not in DIRECTIONS:
@@ -170,12 +131,12 @@ def lineage(store: MetadataStore | str, artifact_id: int, num_hops: int = 4, dir
     execution_hops: dict[int, int] = {}
     edges: set[tuple[str, str, str, str]] = set()
     for upward in [d == "up" for d in (("up", "down") if direction == "both" else (direction,))]:
-        a, e, found = _walk(store, artifact_id, num_hops, upward)
-        for key, hops in a.items():
+        found = walk(store, artifact_id, num_hops, upward)
+        for key, hops in found.artifact_hops.items():
             artifact_hops[key] = min(hops, artifact_hops.get(key, hops))
-        for key, hops in e.items():
+        for key, hops in found.execution_hops.items():
             execution_hops[key] = min(hops, execution_hops.get(key, hops))
-        edges |= found
+        edges |= found.edges
     artifacts = {a.id: a for a in store.get_artifacts(artifact_hops)}
     executions = {e.id: e for e in store.mlmd.get_executions_by_id(list(execution_hops))} if execution_hops else {}
     nodes = [_node_for_artifact(artifacts[i], artifact_hops[i]) for i in sorted(artifact_hops) if i in artifacts]

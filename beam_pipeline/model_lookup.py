@@ -7,6 +7,7 @@ from typing import Any
 
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
+from beam_pipeline._lineage_walk import MAX_HOPS, walk
 from beam_pipeline._mlmd_reading import _outputs_of, get_artifact, open_store
 from beam_pipeline.artifacts import (
     EXAMPLES,
@@ -54,27 +55,14 @@ def upstream(store: MetadataStore, artifact_id: int) -> tuple[list[mlmd_pb2.Exec
     Model inputs met on the way (a warm-start model, an evaluation baseline) are listed but not
     followed: their own lineage describes another model, not how this one was made.
     """
-    seen_artifacts, seen_executions = {artifact_id}, set()
-    executions_found: list[mlmd_pb2.Execution] = []
-    artifacts_found: list[Artifact] = []
-    frontier = [artifact_id]
-    while frontier:
-        events = store.mlmd.get_events_by_artifact_ids(frontier)
-        made_by = sorted({ev.execution_id for ev in events if ev.type == mlmd_pb2.Event.OUTPUT} - seen_executions)
-        if not made_by:
-            break
-        seen_executions.update(made_by)
-        found = store.mlmd.get_executions_by_id(made_by)
-        # Cached executions only repeat what the original producer read; follow the original.
-        originals = [e for e in found if e.last_known_state != mlmd_pb2.Execution.CACHED] or found
-        executions_found.extend(sorted(originals, key=lambda e: e.id))
-        read = store.mlmd.get_events_by_execution_ids([e.id for e in originals])
-        new_ids = sorted({ev.artifact_id for ev in read if ev.type == mlmd_pb2.Event.INPUT} - seen_artifacts)
-        seen_artifacts.update(new_ids)
-        new_artifacts = store.get_artifacts(new_ids) if new_ids else []
-        artifacts_found.extend(sorted(new_artifacts, key=lambda a: a.id or 0))
-        frontier = [a.id for a in new_artifacts if a.type.name != MODEL.name]
-    return executions_found, artifacts_found
+    found = walk(store, artifact_id, MAX_HOPS, upward=True, originals_only=True, stop_at_types=[MODEL.name])
+    executions = store.mlmd.get_executions_by_id(list(found.execution_hops)) if found.execution_hops else []
+    ids = [i for i in found.artifact_hops if i != artifact_id]
+    artifacts = store.get_artifacts(ids) if ids else []
+    return (
+        sorted(executions, key=lambda e: (found.execution_hops[e.id], e.id)),
+        sorted(artifacts, key=lambda a: (found.artifact_hops[a.id], a.id or 0)),
+    )
 
 
 def model_run(store: MetadataStore | str, model_id: int) -> Artifact:
