@@ -369,3 +369,29 @@ def test_tensorboard_cli_prints_the_url_and_stops_on_a_signal_even_started_with_
         except ProcessLookupError:
             pass  # the group is already gone
         process.wait(timeout=60)
+
+
+def test_the_lineage_walker_follows_originals_and_stops_at_other_models(model_store):
+    from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
+
+    from beam_pipeline._lineage_walk import MAX_HOPS, walk
+    from beam_pipeline.artifacts import MODEL
+
+    store = queries.open_store(model_store["store"])
+    a, b = model_store["a"], model_store["b"]
+    # Run C reused run A's examples from the cache: both ExampleGen executions output them.
+    producers = walk(store, a["examples"], 1, upward=True).execution_hops
+    states = {e.id: e.last_known_state for e in store.mlmd.get_executions_by_id(list(producers))}
+    assert sorted(states.values()) == sorted([mlmd_pb2.Execution.COMPLETE, mlmd_pb2.Execution.CACHED])
+    original = walk(store, a["examples"], 1, upward=True, originals_only=True).execution_hops
+    assert [states[e] for e in original] == [mlmd_pb2.Execution.COMPLETE]
+    # Run B's Evaluator read run A's model as its baseline: reached, but A's own lineage is not walked.
+    everything = walk(store, b["evaluation"], MAX_HOPS, upward=True)
+    stopped = walk(store, b["evaluation"], MAX_HOPS, upward=True, stop_at_types=[MODEL.name])
+    assert a["model"] in everything.artifact_hops and a["model"] in stopped.artifact_hops
+    assert a["examples"] in everything.artifact_hops and a["examples"] not in stopped.artifact_hops
+    _, artifacts = queries.upstream(store, b["evaluation"])
+    assert a["model"] in [x.id for x in artifacts] and a["examples"] not in [x.id for x in artifacts]
+    assert [x.id for x in artifacts] == sorted(
+        (x.id for x in artifacts), key=lambda i: (stopped.artifact_hops[i], i)
+    )  # nearest first
