@@ -22,23 +22,27 @@ from pipeline import create_pipeline  # noqa: E402
 
 from beam_pipeline import launcher  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
+from benchmarks.scale_data import scale  # noqa: E402
 
 
-def timed_run(root: str, train_steps: int) -> tuple[float, launcher.RunResult]:
+def timed_run(root: str, train_steps: int, data: str | None) -> tuple[float, launcher.RunResult]:
+    kwargs = {"data_path": data} if data else {}
     start = time.perf_counter()
-    result = launcher.run(create_pipeline(pipeline_root=root, train_steps=train_steps))
+    result = launcher.run(create_pipeline(pipeline_root=root, train_steps=train_steps, **kwargs))
     return time.perf_counter() - start, result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--train-steps", type=int, default=1000)
+    parser.add_argument("--rows", type=int, default=0, help="resampled taxi rows (default: the 15k-row sample)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
-    root = tempfile.mkdtemp(prefix="bench-pipeline-")
+    data = scale(args.rows, os.path.join(HERE, "data", f"taxi_{args.rows}.csv")) if args.rows else None
+    root = tempfile.mkdtemp(prefix="bench-pipeline-", dir="/var/tmp")
     try:
-        cold_s, cold = timed_run(root, args.train_steps)
-        warm_s, warm = timed_run(root, args.train_steps)
+        cold_s, cold = timed_run(root, args.train_steps, data)
+        warm_s, warm = timed_run(root, args.train_steps, data)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     rows = [
@@ -56,9 +60,11 @@ def main() -> None:
     text = "\n".join(rows) + "\n\n" + "\n".join(f"- {line}" for line in summary)
     print(text)
     if not args.no_record:
+        size = f" at {args.rows:,} rows" if args.rows else ""
+        flag = f" --rows {args.rows}" if args.rows else ""
         write_section(
-            "Full taxi pipeline: cold and unchanged rerun",
-            f"`python benchmarks/pipeline_runs.py --train-steps {args.train_steps}` "
+            f"Full taxi pipeline{size}: cold and unchanged rerun",
+            f"`python benchmarks/pipeline_runs.py --train-steps {args.train_steps}{flag}` "
             f"(default runner: Beam's in-process FnApiRunner, {os.cpu_count()} cores)\n\n" + text,
         )
 
