@@ -45,7 +45,7 @@ def walk(
     )
     graph = store.mlmd.get_lineage_subgraph(options, ["events", "executions", "artifacts"])
     cached = {e.id for e in graph.executions if e.last_known_state == mlmd_pb2.Execution.CACHED}
-    stop_ids = {store.mlmd.get_artifact_type(t).id for t in stop_at_types if _has_type(store, t)}
+    stop_ids = {t.id for t in store.mlmd.get_artifact_types() if t.name in stop_at_types} if stop_at_types else set()
     stops = {a.id for a in graph.artifacts if a.type_id in stop_ids and a.id != artifact_id}
     # Upstream, an artifact leads to the executions that output it, an execution to what it read.
     to_execution = mlmd_pb2.Event.OUTPUT if upward else mlmd_pb2.Event.INPUT
@@ -90,7 +90,3 @@ def edge(ev: mlmd_pb2.Event) -> tuple[str, str, str, str]:
     if ev.type == mlmd_pb2.Event.INPUT:
         return (f"artifact:{ev.artifact_id}", f"execution:{ev.execution_id}", "INPUT", name)
     return (f"execution:{ev.execution_id}", f"artifact:{ev.artifact_id}", "OUTPUT", name)
-
-
-def _has_type(store: MetadataStore, name: str) -> bool:
-    return any(t.name == name for t in store.mlmd.get_artifact_types())

@@ -225,14 +225,9 @@ class ReadSplit(beam.PTransform):
         )
 
 
-def _load_examples(p: beam.Pipeline, artifact: Artifact, label: str):
-    cached = p | f"{label}.Artifact" >> beam.Create([artifact])
-    return {split: cached | f"{label}.Read[{split}]" >> ReadSplit(split) for split in artifact.split_names}
-
-
-def rereadable(atype: ArtifactType, payload_format: str | None) -> bool:
-    """Whether an output can be read back from its files by `ReadSplit` (else it lives in the graph only)."""
-    return atype.name == EXAMPLES.name and payload_format == PARQUET
+def rereadable(payload_format: str | None) -> bool:
+    """Whether Examples can be read back from their files by `ReadSplit` (else they live in the graph only)."""
+    return payload_format == PARQUET
 
 
 def _load_split_protos(filename: str, message_path: str):
@@ -256,9 +251,9 @@ def _load_schema(p: beam.Pipeline, artifact: Artifact, label: str):
 
 
 # How a cached artifact of each data type is put back into the graph. File-only types need no loader:
-# downstream components receive the Artifact itself.
+# downstream components receive the Artifact itself. Examples come back through `ReadSplit`, split by
+# split, where the compiler wires a consumer's reads.
 LOADERS = {
-    EXAMPLES.name: _load_examples,
     STATISTICS.name: _load_split_protos(
         STATS_FILE, "tensorflow_metadata.proto.v0.statistics_pb2.DatasetFeatureStatisticsList"
     ),
@@ -268,4 +263,4 @@ LOADERS = {
 
 
 def has_data_value(atype: ArtifactType) -> bool:
-    return atype.name in LOADERS
+    return atype.name == EXAMPLES.name or atype.name in LOADERS

@@ -175,7 +175,7 @@ def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, Component
                 payload, splits = input_static[name].get("payload_format"), input_static[name].get("splits")
             committed_inputs[name] = committed[key]
             if ch.type == EXAMPLES and (
-                producer.cached or (artifact_io.rereadable(ch.type, payload) and not component.FUSE_WITH_PRODUCERS)
+                producer.cached or (artifact_io.rereadable(payload) and not component.FUSE_WITH_PRODUCERS)
             ):
                 # Read from the committed files, only the splits read here: streamed, never held whole.
                 readers[name] = _reader(committed[key], f"{component.id}.{name}")

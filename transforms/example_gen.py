@@ -81,15 +81,12 @@ class ExampleGen(Component):
 
     def flat_schema(self) -> pa.Schema:
         """Column types, decided at compile time and enforced on every block."""
-        return self._plan_input(match_metadata(self.params["input_base"]))[0]
-
-    def _plan_input(self, found: list[FileMetadata]) -> tuple[pa.Schema, list[str]]:
-        return _plan_input(self.params, found)
+        return _plan_input(self.params, match_metadata(self.params["input_base"]))[0]
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         found = match_metadata(self.params["input_base"])
         files = [m.path for m in found]
-        schema, notes = self._plan_input(found)
+        schema, notes = _plan_input(self.params, found)
         return {
             "examples": {
                 "arrow_schema": list_schema(schema),

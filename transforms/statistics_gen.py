@@ -37,8 +37,7 @@ class SplitStatistics(beam.PTransform):
         sample_rate: float | None = None,
     ):
         super().__init__()
-        if sample_rate is not None and not 0 < sample_rate <= 1:
-            raise PipelineDefinitionError(f"StatisticsGen sample_rate={sample_rate}: expected 0 < rate <= 1")
+        _check_sample_rate(sample_rate)
         self._split, self._top = split, num_top_values
         self._slice_features, self._sample_rate = list(slice_features), sample_rate
 
@@ -74,7 +73,7 @@ class StatisticsGen(Component):
         slice_features: Sequence[str] = (),
         component_id: str | None = None,
     ):
-        SplitStatistics("", sample_rate=sample_rate)  # validates the options now, not when the graph is built
+        _check_sample_rate(sample_rate)
         super().__init__(
             inputs={"examples": examples},
             params={
@@ -111,6 +110,11 @@ class StatisticsGen(Component):
         )
         self.ctx.publish("statistics", properties)
         return {"statistics": out}
+
+
+def _check_sample_rate(sample_rate: float | None) -> None:
+    if sample_rate is not None and not 0 < sample_rate <= 1:
+        raise PipelineDefinitionError(f"StatisticsGen sample_rate={sample_rate}: expected 0 < rate <= 1")
 
 
 def _slices(
