@@ -308,7 +308,8 @@ def _evaluation_of(store: MetadataStore, model_uri: str) -> str:
 
 @pytest.mark.slow
 def test_the_worse_model_finishing_last_is_never_pushed(race):
-    from transforms import pusher as pu
+    from transforms import _push_record as pr
+    from transforms import push_model as pm
 
     store, models = race["store"], race["models"]
     serving = str(race["base"] / "serving")
@@ -320,15 +321,15 @@ def test_the_worse_model_finishing_last_is_never_pushed(race):
     assert auc["worse"] < auc["better"] - 2 * RACE_TOLERANCE
 
     # The serving directory: the baseline, then the better model; the worse one never.
-    assert pu.existing_versions(serving) == [1, 2]
-    served = [pu.read_push_record(os.path.join(serving, str(v)))["model_uri"] for v in (1, 2)]
+    assert pm.existing_versions(serving) == [1, 2]
+    served = [pr.read_push_record(os.path.join(serving, str(v)))["model_uri"] for v in (1, 2)]
     assert served == [models["baseline"], models["better"]]
-    assert pu.served_model(serving).model_uri == models["better"]
+    assert pm.served_model(serving).model_uri == models["better"]
 
     refused = _latest_for_model(store, "PushedModel", models["worse"]).properties
     assert (refused["pushed"], refused["push_refused"], refused["served_version"]) == (0, 1, 2)
     assert refused["served_model_uri"] == models["better"]
-    better_run = pu.read_push_record(os.path.join(serving, "2"))["pushed_by"]
+    better_run = pr.read_push_record(os.path.join(serving, "2"))["pushed_by"]
     assert refused["push_message"].startswith(
         f"model {models['worse']} not pushed: version 2 (model {models['better']}, pushed by {better_run}) won"
     )

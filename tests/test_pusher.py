@@ -21,6 +21,8 @@ from beam_pipeline.errors import PipelineDefinitionError, PipelineRunError
 from beam_pipeline.metadata import MetadataStore
 from tests import _fixtures_metadata as fm
 from tests.helpers import read_only_directory
+from transforms import _push_record as pr
+from transforms import push_model as pm
 from transforms import pusher as pu
 from transforms._push_record import TEMP_PREFIX
 from transforms.evaluator import Evaluator, binary_classification_eval_config
@@ -124,7 +126,7 @@ def runs(tmp_path_factory) -> dict:
     second = _run(base, WEAK)
     good, weak = first.artifact("Trainer", "model").uri, second.artifact("Trainer", "model").uri
     # What another run of this pipeline would have done meanwhile: push the weak model to serving/guarded.
-    racer = pu.push_model(_saved_model(weak), str(base / "serving" / "guarded"), record={"model_uri": weak})
+    racer = pm.push_model(_saved_model(weak), str(base / "serving" / "guarded"), record={"model_uri": weak})
     third = _run(base, GOOD)
     return {"base": base, "runs": [first, second, third], "good": good, "weak": weak, "racer": racer}
 
@@ -142,13 +144,13 @@ def test_blessed_models_are_pushed_as_increasing_versions(runs):
         "push_message": f"pushed model {runs['good']} as version 1 to {main / '1'}",
     }
     served = _tree(main / "1")
-    record = json.loads(served.pop(pu.PUSH_RECORD))
+    record = json.loads(served.pop(pr.PUSH_RECORD))
     assert served == _tree(_saved_model(runs["good"]))  # the whole SavedModel, nothing else
     assert record["model_uri"] == runs["good"] and record["blessing_uri"] == first.artifact("Lenient", "blessing").uri
     assert record["pushed_by"] == f"pusher_test run {first.run_id}"
 
     assert _pushed(second, "Push")["pushed_version"] == 2  # value thresholds only: the weak model is blessed too
-    assert pu.read_push_record(str(main / "2"))["model_uri"] == runs["weak"]
+    assert pr.read_push_record(str(main / "2"))["model_uri"] == runs["weak"]
     assert not [n for n in os.listdir(main) if n.startswith(TEMP_PREFIX)]  # no temp directory left behind
 
 
@@ -157,7 +159,7 @@ def test_version_is_one_above_the_highest_existing_version(runs):
     numbered = runs["base"] / "serving" / "numbered"
     versions = [_pushed(run, "PushNumbered")["pushed_version"] for run in runs["runs"]]
     assert versions == [18, 19, 20]  # 3 and 17 were there; "notes" and the stale temp dir do not count
-    assert pu.existing_versions(str(numbered)) == [3, 17, 18, 19, 20]
+    assert pm.existing_versions(str(numbered)) == [3, 17, 18, 19, 20]
 
 
 @pytest.mark.slow
@@ -171,7 +173,7 @@ def test_model_that_is_not_blessed_is_not_pushed(runs):
     guarded = runs["base"] / "serving" / "guarded"
     assert props["push_message"].startswith(f"model {runs['weak']} is not blessed; nothing pushed to {guarded}")
     assert "auc on slice Overall" in props["push_message"]  # the Evaluator's reason
-    assert pu.existing_versions(str(guarded)) == [1, 2]  # 1 from run 1, 2 the racer's push
+    assert pm.existing_versions(str(guarded)) == [1, 2]  # 1 from run 1, 2 the racer's push
 
 
 @pytest.mark.slow
@@ -187,7 +189,7 @@ def test_guarded_push_over_a_model_it_was_never_judged_against_is_refused(runs):
     winner = f"version {version} (model {runs['weak']})"
     assert props["push_message"].startswith(f"model {runs['good']} not pushed: {winner} won")
     assert "were never compared" in props["push_message"]
-    assert pu.existing_versions(os.path.dirname(destination)) == [1, version]
+    assert pm.existing_versions(os.path.dirname(destination)) == [1, version]
 
 
 @pytest.mark.slow
@@ -196,7 +198,7 @@ def test_rerun_with_the_model_already_served_does_not_copy_it_again(runs):
     third = runs["runs"][2]
     # Run 2 made the weak model newest; value thresholds only, so the good one is pushed again to be newest.
     assert _pushed(third, "Push")["pushed_version"] == 3
-    assert pu.read_push_record(str(main / "3"))["model_uri"] == runs["good"]
+    assert pr.read_push_record(str(main / "3"))["model_uri"] == runs["good"]
 
     (main / "0").mkdir()  # the versions changed, so the Pusher runs again, and finds its model newest
     again = _run(runs["base"], GOOD)
@@ -204,7 +206,7 @@ def test_rerun_with_the_model_already_served_does_not_copy_it_again(runs):
     assert again.components["Push"].state == "COMPLETE" and again.components["Trainer"].state == "CACHED"
     assert (props["pushed"], props["pushed_version"]) == (1, 3)
     assert props["push_message"] == f"model {runs['good']} is already version 3 at {main / '3'}; not copied again"
-    assert sorted(os.listdir(main)) == sorted(["0", "1", "2", "3", pu.LOCK_FILE])
+    assert sorted(os.listdir(main)) == sorted(["0", "1", "2", "3", pm.LOCK_FILE])
 
 
 @pytest.mark.slow
@@ -232,42 +234,42 @@ def test_resolve_reads_past_pushes_and_the_blessings_baselines(runs):
 def test_guarded_push_lands_only_over_a_model_it_was_judged_against(runs, tmp_path):
     good, weak = runs["good"], runs["weak"]
     serving = str(tmp_path / "serving")
-    first = pu.Guard(good, None, frozenset())
-    assert pu.push_model(_saved_model(good), serving, record={"model_uri": good}, guard=first)[0] == 1
-    judged_against_good = pu.Guard(weak, good, pu.judged_against(good, {}))
-    assert pu.push_model(_saved_model(weak), serving, record={"model_uri": weak}, guard=judged_against_good)[0] == 2
+    first = pr.Guard(good, None, frozenset())
+    assert pm.push_model(_saved_model(good), serving, record={"model_uri": good}, guard=first)[0] == 1
+    judged_against_good = pr.Guard(weak, good, pr.judged_against(good, {}))
+    assert pm.push_model(_saved_model(weak), serving, record={"model_uri": weak}, guard=judged_against_good)[0] == 2
 
     # Judged against the good model too, but the weak one is served now: refused, naming the winner.
-    late = pu.Guard("/models/late", good, frozenset({good}))
-    with pytest.raises(pu.PushRefused, match=re.escape(f"version 2 (model {weak})")) as refused:
-        pu.push_model(_saved_model(good), serving, record={"model_uri": "/models/late"}, guard=late)
-    assert refused.value.served == pu.Served(2, os.path.join(serving, "2"), weak)
+    late = pr.Guard("/models/late", good, frozenset({good}))
+    with pytest.raises(pr.PushRefused, match=re.escape(f"version 2 (model {weak})")) as refused:
+        pm.push_model(_saved_model(good), serving, record={"model_uri": "/models/late"}, guard=late)
+    assert refused.value.served == pr.Served(2, os.path.join(serving, "2"), weak)
     assert f"judged against baseline {good}" in str(refused.value)
-    assert sorted(os.listdir(serving)) == sorted(["1", "2", pu.LOCK_FILE])  # nothing copied, nothing left behind
+    assert sorted(os.listdir(serving)) == sorted(["1", "2", pm.LOCK_FILE])  # nothing copied, nothing left behind
 
     # A chain of blessings counts: late <- weak <- good.
-    chained = pu.Guard("/models/late", "/models/mid", pu.judged_against("/models/mid", {"/models/mid": [weak]}))
-    assert pu.push_model(_saved_model(good), serving, record={"model_uri": "/models/late"}, guard=chained)[0] == 3
+    chained = pr.Guard("/models/late", "/models/mid", pr.judged_against("/models/mid", {"/models/mid": [weak]}))
+    assert pm.push_model(_saved_model(good), serving, record={"model_uri": "/models/late"}, guard=chained)[0] == 3
 
 
 @pytest.mark.slow
 def test_a_push_that_lands_during_the_copy_is_seen_under_the_lock(runs, tmp_path, monkeypatch):
     good, weak = runs["good"], runs["weak"]
     serving = str(tmp_path / "serving")
-    pu.push_model(_saved_model(good), serving, record={"model_uri": good})
-    real_copy = pu._copy_tree
+    pm.push_model(_saved_model(good), serving, record={"model_uri": good})
+    real_copy = pm._copy_tree
 
     def copy_while_another_run_pushes(src, dst):
         real_copy(src, dst)
         if src == _saved_model(good):  # the guarded push: another run's push lands while it copies
-            pu.push_model(_saved_model(weak), serving, record={"model_uri": weak})
+            pm.push_model(_saved_model(weak), serving, record={"model_uri": weak})
 
-    monkeypatch.setattr(pu, "_copy_tree", copy_while_another_run_pushes)
-    guard = pu.Guard("/models/candidate", good, frozenset({good}))  # passes the early check: good is newest
-    with pytest.raises(pu.PushRefused, match=re.escape(f"version 2 (model {weak})")):
-        pu.push_model(_saved_model(good), serving, record={"model_uri": "/models/candidate"}, guard=guard)
-    assert pu.existing_versions(serving) == [1, 2]
-    assert pu.read_push_record(os.path.join(serving, "2"))["model_uri"] == weak
+    monkeypatch.setattr(pm, "_copy_tree", copy_while_another_run_pushes)
+    guard = pr.Guard("/models/candidate", good, frozenset({good}))  # passes the early check: good is newest
+    with pytest.raises(pr.PushRefused, match=re.escape(f"version 2 (model {weak})")):
+        pm.push_model(_saved_model(good), serving, record={"model_uri": "/models/candidate"}, guard=guard)
+    assert pm.existing_versions(serving) == [1, 2]
+    assert pr.read_push_record(os.path.join(serving, "2"))["model_uri"] == weak
     assert not [n for n in os.listdir(serving) if n.startswith(TEMP_PREFIX)]
 
 
@@ -276,12 +278,12 @@ def test_a_version_without_push_record_is_not_shadowed_by_a_guarded_push(runs, t
     good, weak = runs["good"], runs["weak"]
     serving = tmp_path / "serving"
     shutil.copytree(_saved_model(good), serving / "1")  # pushed by hand, or by a Pusher before push records
-    guard = pu.Guard(weak, good, frozenset({good}))
-    with pytest.raises(pu.PushRefused, match=r"version 1 \(a model no push record names\)"):
-        pu.push_model(_saved_model(weak), str(serving), record={"model_uri": weak}, guard=guard)
+    guard = pr.Guard(weak, good, frozenset({good}))
+    with pytest.raises(pr.PushRefused, match=r"version 1 \(a model no push record names\)"):
+        pm.push_model(_saved_model(weak), str(serving), record={"model_uri": weak}, guard=guard)
     # This Pusher's PushedModel records in ML Metadata say which model that version is.
     known = {str(serving / "1"): good}
-    assert pu.push_model(_saved_model(weak), str(serving), record={"model_uri": weak}, guard=guard,
+    assert pm.push_model(_saved_model(weak), str(serving), record={"model_uri": weak}, guard=guard,
                          known_pushes=known)[0] == 2  # fmt: skip
 
 
@@ -290,13 +292,13 @@ def test_push_waits_for_the_lock_and_names_its_holder(runs, tmp_path):
     serving = str(tmp_path / "serving")
     os.makedirs(serving)
     source = _saved_model(runs["good"])
-    with pu.serving_lock(serving):
+    with pm.serving_lock(serving):
         with pytest.raises(PipelineRunError, match=rf"another push has held .*\.push\.lock .*pid {os.getpid()} on"):
-            pu.push_model(source, serving, record={"model_uri": runs["good"]}, lock_timeout_s=0.2)
-        assert os.listdir(serving) == [pu.LOCK_FILE]  # its copy was removed
+            pm.push_model(source, serving, record={"model_uri": runs["good"]}, lock_timeout_s=0.2)
+        assert os.listdir(serving) == [pm.LOCK_FILE]  # its copy was removed
 
         done: list[tuple[int, str]] = []
-        waiter = threading.Thread(target=lambda: done.append(pu.push_model(source, serving)))
+        waiter = threading.Thread(target=lambda: done.append(pm.push_model(source, serving)))
         waiter.start()
     waiter.join(timeout=600)  # released: the waiting push goes through
     assert done == [(1, os.path.join(serving, "1"))]
@@ -304,8 +306,8 @@ def test_push_waits_for_the_lock_and_names_its_holder(runs, tmp_path):
 
 def test_judged_against_follows_baselines_and_stops_on_cycles():
     baselines = {"c": ["b"], "b": ["a", "b"], "a": ["c"], "x": ["y"]}
-    assert pu.judged_against("c", baselines) == frozenset({"a", "b", "c"})
-    assert pu.judged_against(None, baselines) == frozenset()
+    assert pr.judged_against("c", baselines) == frozenset({"a", "b", "c"})
+    assert pr.judged_against(None, baselines) == frozenset()
 
 
 # -- versions, temp dirs and bad destinations --------------------------------------------------------------
@@ -315,10 +317,10 @@ def test_version_taken_by_a_racing_push_moves_to_the_next_number(runs, tmp_path,
     serving = tmp_path / "serving"
     shutil.copytree(_saved_model(runs["weak"]), serving / "1")
     listings = iter([[], [1]])  # the first listing was taken before the other push landed
-    monkeypatch.setattr(pu, "existing_versions", lambda _: next(listings))
-    assert pu.push_model(_saved_model(runs["good"]), str(serving))[0] == 2
+    monkeypatch.setattr(pm, "existing_versions", lambda _: next(listings))
+    assert pm.push_model(_saved_model(runs["good"]), str(serving))[0] == 2
     assert _tree(serving / "1") == _tree(_saved_model(runs["weak"]))  # the other push is untouched
-    assert sorted(os.listdir(serving)) == sorted(["1", "2", pu.LOCK_FILE])
+    assert sorted(os.listdir(serving)) == sorted(["1", "2", pm.LOCK_FILE])
 
 
 @pytest.mark.slow
@@ -326,7 +328,7 @@ def test_empty_model_directory_fails_and_leaves_no_temp_dir(tmp_path):
     serving = tmp_path / "serving"
     (tmp_path / "empty").mkdir()
     with pytest.raises(PipelineDefinitionError, match="is empty or missing: nothing to push"):
-        pu.push_model(str(tmp_path / "empty"), str(serving))
+        pm.push_model(str(tmp_path / "empty"), str(serving))
     assert os.listdir(serving) == []
 
 
@@ -349,7 +351,7 @@ def test_serving_dir_under_a_file_fails_the_run_before_anything_runs(tmp_path):
         launcher.run(_pipeline_with_pusher(tmp_path, str(serving)), fm.BEAM_ARGS)
     assert not (tmp_path / "root" / "Trainer").exists()  # no training was spent on it
     with pytest.raises(PipelineDefinitionError, match=re.escape(f"'{serving}' is not writable")):
-        pu.push_model(str(tmp_path), str(serving))
+        pm.push_model(str(tmp_path), str(serving))
 
 
 def test_read_only_serving_dir_is_not_writable(tmp_path):
@@ -373,7 +375,7 @@ def test_cache_key_follows_the_versions_in_the_serving_dir(tmp_path):
     empty = pusher.external_fingerprint()
     (tmp_path / "serving" / "1").mkdir(parents=True)
     (tmp_path / "serving" / ".tmp-push").mkdir()
-    (tmp_path / "serving" / pu.LOCK_FILE).touch()
+    (tmp_path / "serving" / pm.LOCK_FILE).touch()
     one = pusher.external_fingerprint()
     assert one != empty  # a version appeared: a cached push is no longer trusted
     assert pusher.external_fingerprint() == one  # temp dirs and the lock file do not count
@@ -414,3 +416,32 @@ def test_blessing_of_another_model_is_refused_when_the_push_runs(runs, tmp_path)
                     baselines=None)  # fmt: skip
     with pytest.raises(PipelineDefinitionError, match=re.escape(f"is for model '{runs['good']}', not for")):
         push(first.artifact("Lenient", "blessing"), second.artifact("Trainer", "model"))
+
+
+@pytest.mark.slow
+def test_push_model_in_a_bare_beam_pipeline_gives_each_model_its_own_version(runs, tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    serving = tmp_path / "serving"
+    models = [_saved_model(runs["good"]), _saved_model(runs["weak"])]
+    with beam.Pipeline() as p:
+        pushed = p | beam.Create(models) | pm.PushModel(str(serving))
+        versions = pushed | beam.Map(
+            lambda r: (r["model_dir"], r["pushed_destination"].endswith(str(r["pushed_version"])))
+        )
+        assert_that(versions, equal_to([(m, True) for m in models]))
+    assert sorted(n for n in os.listdir(serving) if n.isdigit()) == ["1", "2"]
+    by_model = {pr.read_push_record(str(serving / v))["model_uri"]: v for v in ("1", "2")}
+    assert set(by_model) == set(models)
+    for model, version in by_model.items():
+        served = _tree(serving / version)
+        served.pop(pr.PUSH_RECORD)
+        assert served == _tree(model)  # the whole SavedModel, under a version of its own
+
+
+def test_push_model_refuses_a_destination_it_cannot_push_to_atomically():
+    with pytest.raises(PipelineDefinitionError, match="needs serving_model_dir"):
+        pm.PushModel("")
+    with pytest.raises(PipelineDefinitionError, match="supported are local directories"):
+        pm.PushModel("hdfs://namenode/models/taxi")

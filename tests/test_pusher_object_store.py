@@ -32,13 +32,15 @@ from beam_pipeline.serving.errors import ServableNotFoundError
 from beam_pipeline.serving.models import ModelManager
 from tests import _fixtures_metadata as fm
 from tests.serving.serve_process import ROOT, serve_process, stop, wait_for
+from transforms import _push_record as pr
 from transforms import _push_store as ps
+from transforms import push_model as pm
 from transforms import pusher as pu
 from transforms._push_record import TEMP_PREFIX
 
 pytestmark = pytest.mark.slow
 
-PB = pu.SAVED_MODEL_FILE
+PB = pr.SAVED_MODEL_FILE
 WAIT_S = 600  # a bound on waits for another thread, not a timing assertion
 
 
@@ -105,17 +107,17 @@ def test_push_to_s3_writes_the_tf_serving_layout_with_saved_model_pb_last(models
 
     monkeypatch.setattr(ps, "_create_exclusive", claim)
     monkeypatch.setattr(FileSystems, "copy", copy)
-    assert pu.push_model(models["a"], base, record=_record(models["a"])) == (1, f"{base}/1")
+    assert pm.push_model(models["a"], base, record=_record(models["a"])) == (1, f"{base}/1")
 
     served = _keys(s3_server, f"{base}/1")
-    record = json.loads(served.pop(pu.PUSH_RECORD))
+    record = json.loads(served.pop(pr.PUSH_RECORD))
     source = _tree(models["a"])
     assert served == source  # the whole SavedModel, byte for byte, variables and assets included
     assert any(k.startswith("variables/") for k in source) and any(k.startswith("assets/") for k in source)
     assert record["model_uri"] == os.path.dirname(models["a"]) and record["pushed_by"] == "test"
-    assert writes[0] == f"{base}/1/{pu.PUSH_RECORD}"  # the claim comes first
+    assert writes[0] == f"{base}/1/{pr.PUSH_RECORD}"  # the claim comes first
     assert writes[-1] == f"{base}/1/{PB}"
-    assert at_pb == [set(source) - {PB} | {pu.PUSH_RECORD}]  # everything else was in place before it
+    assert at_pb == [set(source) - {PB} | {pr.PUSH_RECORD}]  # everything else was in place before it
     assert set(_versions(s3_server, base)) == {"1"}  # the upload prefix is gone
 
 
@@ -132,7 +134,7 @@ def test_a_push_that_fails_mid_copy_leaves_nothing_a_server_loads(models, base, 
 
     monkeypatch.setattr(FileSystems, "copy", copy_three_then_fail)
     with pytest.raises(PipelineRunError, match=r"failed: BeamIOError"):
-        pu.push_model(models["a"], base, record=_record(models["a"]))
+        pm.push_model(models["a"], base, record=_record(models["a"]))
     assert len(seen_mid_push[0]) == 4 and PB not in seen_mid_push[0]  # the claim and three objects
     assert _versions(s3_server, base) == {}  # the failed push removed its claim, objects and upload
 
@@ -141,7 +143,7 @@ def test_a_push_that_fails_mid_copy_leaves_nothing_a_server_loads(models, base, 
     with pytest.raises(ServableNotFoundError):
         manager.status()
     monkeypatch.setattr(FileSystems, "copy", real_copy)
-    assert pu.push_model(models["a"], base, record=_record(models["a"]))[0] == 1
+    assert pm.push_model(models["a"], base, record=_record(models["a"]))[0] == 1
     manager.poll_once()
     with manager.acquire() as servable:
         assert servable.version == 1
@@ -154,6 +156,8 @@ sys.path.insert(0, {root!r})
 from apache_beam.io.filesystems import FileSystems
 from beam_pipeline import remote_fs
 from transforms import pusher as pu
+from transforms import push_model as pm
+from transforms import _push_record as pr
 
 remote_fs.enable_for([{base!r}])
 real_copy = FileSystems.copy
@@ -165,7 +169,7 @@ def copy_three_then_die(sources, destinations):
     return real_copy(sources, destinations)
 
 FileSystems.copy = copy_three_then_die
-pu.push_model({model!r}, {base!r}, record={{"model_uri": "killed", "pushed_by": "the killed push"}})
+pm.push_model({model!r}, {base!r}, record={{"model_uri": "killed", "pushed_by": "the killed push"}})
 """
 
 
@@ -174,7 +178,7 @@ def test_a_push_killed_mid_copy_is_waited_for_then_passed_over_and_removed(model
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 9, done.stderr[-3000:]
     left = _versions(s3_server, base)
-    assert PB not in left["1"] and pu.PUSH_RECORD in left["1"] and len(left["1"]) == 4
+    assert PB not in left["1"] and pr.PUSH_RECORD in left["1"] and len(left["1"]) == 4
     assert [n for n in left if n.startswith(TEMP_PREFIX)]  # its upload, too
 
     manager = ModelManager(base, "taxi")
@@ -185,10 +189,10 @@ def test_a_push_killed_mid_copy_is_waited_for_then_passed_over_and_removed(model
 
     # Within STALE_AFTER_S it may be a slow push in progress: the next push waits for it, and says for whom.
     with pytest.raises(PipelineRunError, match=r"waited 1 s for the push of version 1 \(by the killed push\)"):
-        pu.push_model(models["b"], base, record=_record(models["b"]), lock_timeout_s=1)
+        pm.push_model(models["b"], base, record=_record(models["b"]), lock_timeout_s=1)
     # Past it (here: at once) it is abandoned: the next push takes version 2, then removes what it left.
-    guard = pu.Guard(os.path.dirname(models["b"]), None, frozenset())  # only "nothing is served yet" passes
-    assert pu.push_model(models["b"], base, record=_record(models["b"]), guard=guard, stale_after_s=0)[0] == 2
+    guard = pr.Guard(os.path.dirname(models["b"]), None, frozenset())  # only "nothing is served yet" passes
+    assert pm.push_model(models["b"], base, record=_record(models["b"]), guard=guard, stale_after_s=0)[0] == 2
     assert set(_versions(s3_server, base)) == {"2"}
     manager.poll_once()
     with manager.acquire() as servable:
@@ -206,22 +210,22 @@ def _stale_listing_until_the_first_claim(monkeypatch, stale: ps._StoreListing) -
 
 def test_racing_pushes_the_store_gives_the_version_to_one_and_the_other_rechecks(models, base, s3_server, monkeypatch):
     a, b = os.path.dirname(models["a"]), os.path.dirname(models["b"])
-    assert pu.push_model(models["a"], base, record=_record(models["a"]))[0] == 1  # the racer's push landed
+    assert pm.push_model(models["a"], base, record=_record(models["a"]))[0] == 1  # the racer's push landed
     before = _keys(s3_server, f"{base}/1")
 
     # Judged against nothing, it listed before version 1 landed: the claim of 1 fails, the recheck refuses.
     _stale_listing_until_the_first_claim(monkeypatch, ps._StoreListing({}, {}))
-    with pytest.raises(pu.PushRefused, match=r"version 1 \(model .*, pushed by test\) won"):
-        pu.push_model(models["b"], base, record=_record(models["b"]), guard=pu.Guard(b, None, frozenset()))
+    with pytest.raises(pr.PushRefused, match=r"version 1 \(model .*, pushed by test\) won"):
+        pm.push_model(models["b"], base, record=_record(models["b"]), guard=pr.Guard(b, None, frozenset()))
     assert set(_versions(s3_server, base)) == {"1"} and _keys(s3_server, f"{base}/1") == before
 
     # Judged against the racer's model: the claim of 1 fails, it takes 2.
     monkeypatch.undo()
     _stale_listing_until_the_first_claim(monkeypatch, ps._StoreListing({}, {}))
-    guard = pu.Guard(b, a, frozenset({a}))
-    assert pu.push_model(models["b"], base, record=_record(models["b"]), guard=guard) == (2, f"{base}/2")
+    guard = pr.Guard(b, a, frozenset({a}))
+    assert pm.push_model(models["b"], base, record=_record(models["b"]), guard=guard) == (2, f"{base}/2")
     assert _keys(s3_server, f"{base}/1") == before  # the other push is untouched
-    assert pu.read_push_record(f"{base}/2")["model_uri"] == b
+    assert pr.read_push_record(f"{base}/2")["model_uri"] == b
 
 
 def test_a_push_in_progress_is_waited_for_and_checked_against(models, base, s3_server, monkeypatch):
@@ -251,14 +255,14 @@ def test_a_push_in_progress_is_waited_for_and_checked_against(models, base, s3_s
 
     def push(name, model_dir, guard):
         try:
-            results[name] = pu.push_model(model_dir, base, record=_record(model_dir), guard=guard)
-        except (pu.PushRefused, PipelineRunError) as e:
+            results[name] = pm.push_model(model_dir, base, record=_record(model_dir), guard=guard)
+        except (pr.PushRefused, PipelineRunError) as e:
             results[name] = e
 
     first = threading.Thread(target=push, args=("first", models["a"], None), name="first")
     first.start()
     assert at_pb.wait(WAIT_S)
-    second = threading.Thread(target=push, args=("second", models["b"], pu.Guard(b, a, frozenset({a}))), name="second")
+    second = threading.Thread(target=push, args=("second", models["b"], pr.Guard(b, a, frozenset({a}))), name="second")
     second.start()
     assert second_listed_pending.wait(WAIT_S)  # it saw version 1 in progress twice, and waits
     assert {n for n in _versions(s3_server, base) if not n.startswith(".")} == {"1"}  # no version 2 yet
@@ -266,7 +270,7 @@ def test_a_push_in_progress_is_waited_for_and_checked_against(models, base, s3_s
     first.join(WAIT_S)
     second.join(WAIT_S)
     assert results == {"first": (1, f"{base}/1"), "second": (2, f"{base}/2")}
-    assert pu.read_push_record(f"{base}/1")["model_uri"] == a and pu.read_push_record(f"{base}/2")["model_uri"] == b
+    assert pr.read_push_record(f"{base}/1")["model_uri"] == a and pr.read_push_record(f"{base}/2")["model_uri"] == b
 
 
 def test_cache_fingerprint_comes_from_the_listing_and_counts_complete_versions(
@@ -275,7 +279,7 @@ def test_cache_fingerprint_comes_from_the_listing_and_counts_complete_versions(
     data = fm.sample_csv(str(tmp_path / "data.csv"), rows=50)
     pusher = _lenient_pipeline(str(tmp_path), base, data).components[-1]
     empty = pusher.external_fingerprint()
-    pu.push_model(models["a"], base, record=_record(models["a"]))
+    pm.push_model(models["a"], base, record=_record(models["a"]))
     one = pusher.external_fingerprint()
     assert one != empty
     bucket, _, prefix = base.removeprefix("s3://").partition("/")
@@ -310,7 +314,7 @@ def test_pipeline_pushes_to_s3_and_a_rerun_is_cached(base, s3_server, tmp_path):
     assert (pushed["pushed"], pushed["pushed_version"], pushed["pushed_destination"]) == (1, 1, f"{base}/1")
     model = first.artifact("Trainer", "model").uri
     served = _keys(s3_server, f"{base}/1")
-    assert json.loads(served.pop(pu.PUSH_RECORD))["pushed_by"] == f"push_to_s3 run {first.run_id}"
+    assert json.loads(served.pop(pr.PUSH_RECORD))["pushed_by"] == f"push_to_s3 run {first.run_id}"
     assert served == _tree(os.path.join(model, pu.SERVING_MODEL_DIR))
 
     again = launcher.run(_lenient_pipeline(str(tmp_path), base, data), fm.BEAM_ARGS)
@@ -351,7 +355,7 @@ def _state(response: httpx.Response) -> str | None:
 
 
 def test_serve_from_s3_answers_for_version_1_then_takes_up_version_2(models, base, tmp_path):
-    pu.push_model(models["a"], base, record=_record(models["a"]))
+    pm.push_model(models["a"], base, record=_record(models["a"]))
     instances, expected_a = _rows(models["a"])
     _, expected_b = _rows(models["b"])
     assert not np.allclose(expected_a, expected_b)
@@ -362,7 +366,7 @@ def test_serve_from_s3_answers_for_version_1_then_takes_up_version_2(models, bas
         assert r.status_code == 200, r.text
         assert np.allclose(np.array(r.json()["predictions"]), expected_a)
 
-        assert pu.push_model(models["b"], base, record=_record(models["b"]))[0] == 2
+        assert pm.push_model(models["b"], base, record=_record(models["b"]))[0] == 2
         wait_for(lambda: _state(client.get(f"{url}/versions/2")) == "AVAILABLE", "version 2 is loaded", proc)
         r = client.post(f"{url}:predict", json={"instances": instances})
         assert r.status_code == 200, r.text
