@@ -8,10 +8,12 @@ split; per-hour slices hold ~20 rows, too few to judge a model on).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 import tensorflow_model_analysis as tfma
@@ -24,7 +26,9 @@ from tests.test_trainer import split_rows, taxi_trainer_components
 from tests.test_transform import TAXI_CSV, taxi_sample
 from transforms import evaluate_model
 from transforms import evaluator as ev
+from transforms.example_gen import ExampleGen
 from transforms.pusher import Pusher
+from transforms.schema_gen import SchemaGen
 
 LABEL = "tips_xf"  # taxi_utils.LABEL_KEY, the transformed label
 GOOD_STEPS = 100
@@ -58,6 +62,10 @@ NEXT_DAY_CONFIG = ev.binary_classification_eval_config(
 )
 
 
+def _schema_gen(components: list) -> SchemaGen:
+    return next(c for c in components if isinstance(c, SchemaGen))
+
+
 def _pipeline(data: str, serving: str, train_steps: int, *extra: str, next_day: str | None = None) -> list:
     """A fresh taxi pipeline definition: the Trainer, the blessing Evaluator and the Pusher, plus
     "UnjudgedEvaluator" (no thresholds) and/or "NextDayEvaluator" (value thresholds on `next_day`)."""
@@ -75,16 +83,19 @@ def _pipeline(data: str, serving: str, train_steps: int, *extra: str, next_day: 
                 component_id="UnjudgedEvaluator",
             )
         )
-    if next_day:
-        components.append(
+    if next_day:  # as in TFX: the next day's data is an ExampleGen of its own, typed by the training schema
+        next_day_gen = ExampleGen(input_base=next_day, splits={"day": 1}, component_id="NextDayExampleGen")
+        components += [
+            next_day_gen,
             ev.Evaluator(
-                examples=gen.outputs.examples,
+                examples=next_day_gen.outputs.examples,
                 model=trainer.outputs.model,
+                schema=_schema_gen(components).outputs.schema,
                 eval_config=NEXT_DAY_CONFIG,
-                data_path=next_day,
+                example_split="day",
                 component_id="NextDayEvaluator",
-            )
-        )
+            ),
+        ]
     pusher = Pusher(model=trainer.outputs.model, blessing=evaluator.outputs.blessing, serving_model_dir=serving)
     return [*components, pusher]
 
@@ -108,8 +119,11 @@ def first(taxi):
 
 @pytest.fixture(scope="module")
 def worse(taxi, first):
-    """The next run: a 1-step model judged against the first (blessed) one, and on next-day rows."""
-    next_day = taxi_sample(str(taxi["tmp"] / "next_day.csv"), NEXT_DAY_ROWS, skip=1500, extra_column=True)
+    """The next run: a 1-step model judged against the first (blessed) one, and on next-day rows (an extra
+    column, columns reordered, and trip_miles in whole numbers, which their own ExampleGen types INT)."""
+    next_day = taxi_sample(
+        str(taxi["tmp"] / "next_day.csv"), NEXT_DAY_ROWS, skip=1500, extra_column=True, whole_numbers=["trip_miles"]
+    )
     return _run(taxi, WEAK_STEPS, next_day=next_day), next_day
 
 
@@ -168,7 +182,8 @@ def test_evaluation_is_readable_by_tfma_loaders(first):
     assert overall["example_count"]["doubleValue"] == eval_rows.num_rows
     assert eval_rows.num_rows == first.artifact("ExampleGen", "examples").properties["row_counts"]["eval"]
     assert tfma.load_validation_result(uri).validation_ok
-    assert first.artifact("Evaluator", "evaluation").properties["evaluated_on"] == "split eval"
+    examples_uri = first.artifact("ExampleGen", "examples").uri
+    assert first.artifact("Evaluator", "evaluation").properties["evaluated_on"] == f"{examples_uri} split eval"
 
 
 def test_config_without_thresholds_never_blesses(first):
@@ -232,12 +247,17 @@ def test_model_worse_than_baseline_is_not_blessed_and_not_pushed(taxi, first, wo
 
 
 # -- value threshold failure on next-day data -------------------------------------------------------------
-def test_next_day_csv_and_value_threshold_failure_names_metric_and_slice(worse):
-    result, next_day = worse
+def test_next_day_examples_and_value_threshold_failure_names_metric_and_slice(worse):
+    result, _ = worse
+    day = result.artifact("NextDayExampleGen", "examples")
+    assert day.properties["row_counts"] == {"day": NEXT_DAY_ROWS}
+    # Typed INT by its own ExampleGen, FLOAT in the training schema: the Evaluator cast it back.
+    parquet = sorted(glob.glob(os.path.join(day.uri, "Split-day", "*.parquet")))[0]
+    assert pq.read_schema(parquet).field("trip_miles").type == pa.large_list(pa.int64())
     evaluation = result.artifact("NextDayEvaluator", "evaluation")
     loaded = tfma.load_eval_result(evaluation.uri)
     assert dict(loaded.slicing_metrics)[()][""][""]["example_count"]["doubleValue"] == NEXT_DAY_ROWS
-    assert evaluation.properties["evaluated_on"] == next_day
+    assert evaluation.properties["evaluated_on"] == f"{day.uri} split day"
     blessing = result.artifact("NextDayEvaluator", "blessing")
     assert blessing.properties["blessed"] == 0
     report = json.loads(_read(os.path.join(blessing.uri, ev.VALIDATION_FILE)))
@@ -314,12 +334,22 @@ def test_unknown_example_split_fails_before_anything_runs(taxi, first):
         _compile_with(taxi, example_split="test")
 
 
-def test_next_day_data_must_have_the_training_columns(taxi, first, tmp_path):
+def test_next_day_examples_must_have_the_columns_the_schema_names(taxi, first, tmp_path):
     data = taxi_sample(str(tmp_path / "no_hour.csv"), 50, drop_columns=("trip_start_hour",))
-    with pytest.raises(InputDataError, match=r"no_hour\.csv: missing columns \['trip_start_hour'\]"):
-        _compile_with(taxi, data_path=data)
-    with pytest.raises(InputDataError, match="matches no file"):
-        _compile_with(taxi, data_path=str(tmp_path / "absent*.csv"))
+    components = taxi_trainer_components(taxi["data"], train_steps=GOOD_STEPS)  # all cached from `first`
+    day = ExampleGen(input_base=data, splits={"day": 1}, component_id="NoHourExampleGen")
+    evaluator = ev.Evaluator(
+        examples=day.outputs.examples,
+        model=components[-1].outputs.model,
+        schema=_schema_gen(components).outputs.schema,
+        eval_config=BLESS_CONFIG,
+        example_split="day",
+        component_id="NoHourEvaluator",
+    )
+    with pytest.raises(InputDataError, match=r"split day: missing columns \['trip_start_hour'\], which the schema"):
+        run_components(taxi["root"], [*components, day, evaluator], name="taxi")
+    store = store_at(taxi["root"])
+    assert not store.latest_artifacts(MODEL_BLESSING.name, "taxi", {"producer_component": "NoHourEvaluator"})
 
 
 # -- config parsing and threshold helpers (no model needed) -------------------------------------------------

@@ -36,12 +36,19 @@ ROWS = 300
 
 
 def taxi_sample(
-    path: str, rows: int = ROWS, *, skip: int = 0, drop_columns: Sequence[str] = (), extra_column: bool = False
+    path: str,
+    rows: int = ROWS,
+    *,
+    skip: int = 0,
+    drop_columns: Sequence[str] = (),
+    extra_column: bool = False,
+    whole_numbers: Sequence[str] = (),
 ) -> str:
     """Write taxi rows skip+1 .. skip+rows of the sample to `path`, optionally without some columns.
 
     With `extra_column`, columns come in reverse order plus one the model does not know, as a
-    next-day export from another system might.
+    next-day export from another system might; `whole_numbers` columns are rounded to integers, so
+    an ExampleGen of the file types them INT.
     """
     with open(TAXI_CSV, newline="") as src:
         reader = csv.DictReader(src)
@@ -55,7 +62,8 @@ def taxi_sample(
                 if i >= skip + rows:
                     break
                 if i >= skip:
-                    writer.writerow({**row, "extra": "zzz"})
+                    rounded = {n: str(round(float(row[n]))) for n in whole_numbers if row[n]}
+                    writer.writerow({**row, **rounded, "extra": "zzz"})
     return path
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from beam_pipeline.errors import InputDataError
 
 NUMERIC_TO_LIST = {
     pa.int8(): pa.int64(),
@@ -60,3 +64,37 @@ def _value_type(t: pa.DataType) -> pa.DataType:
 def list_schema(flat: pa.Schema) -> pa.Schema:
     """The schema `to_list_batch` gives a table with schema `flat`."""
     return pa.schema([pa.field(f.name, pa.large_list(_value_type(f.type))) for f in flat])
+
+
+def conform_to_schema(batch: pa.RecordBatch, schema: Any, where: str) -> pa.RecordBatch:
+    """`batch` with each column a TFMD `schema` names cast to the schema's type (INT, FLOAT, BYTES).
+
+    For data typed by another ExampleGen than the model's: a day whose `fare` holds only whole
+    numbers reads as INT there. A column the schema names and the batch lacks, or a value that does
+    not convert (1.5 to INT), is an InputDataError naming `where` and the column.
+    """
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    value_types = {schema_pb2.INT: pa.int64(), schema_pb2.FLOAT: pa.float32(), schema_pb2.BYTES: pa.large_binary()}
+    names = batch.schema.names
+    missing = [f.name for f in schema.feature if f.name not in names]
+    if missing:
+        raise InputDataError(f"{where}: missing columns {missing}, which the schema names; the columns are {names}")
+    wanted = {f.name: (f.type, value_types[f.type]) for f in schema.feature if f.type in value_types}
+    arrays = []
+    for field, column in zip(batch.schema, batch.columns, strict=True):
+        schema_type, value_type = wanted.get(field.name, (None, None))
+        if value_type is None or field.type.value_type == value_type:
+            arrays.append(column)
+            continue
+        try:
+            # Arrow converts between numbers and strings, not binary: go through large_string.
+            if pa.types.is_large_binary(field.type.value_type) or value_type == pa.large_binary():
+                column = column.cast(pa.large_list(pa.large_string()))
+            arrays.append(column.cast(pa.large_list(value_type)))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise InputDataError(
+                f"{where}: column {field.name!r} holds {field.type.value_type} values that do not convert to the "
+                f"schema's type {schema_pb2.FeatureType.Name(schema_type)}: {e}"
+            ) from None
+    return pa.RecordBatch.from_arrays(arrays, names=names)
