@@ -19,7 +19,7 @@ import apache_beam as beam
 
 from beam_pipeline import artifact_io
 from beam_pipeline.artifacts import COMMIT_MARKER, EXAMPLES, Artifact, ArtifactType
-from beam_pipeline.dsl import Component, ComponentContext, Pipeline
+from beam_pipeline.dsl import Channel, Component, ComponentContext, Pipeline
 from beam_pipeline.errors import PipelineDefinitionError
 
 
@@ -45,6 +45,37 @@ class ComponentPlan:
     @property
     def cached(self) -> bool:
         return self.cached_outputs is not None
+
+
+def present_inputs(component: Component, plans: dict[str, ComponentPlan]) -> dict[str, Channel]:
+    """The inputs that carry an artifact this run.
+
+    Left out: an input whose producer settled it to nothing (a Resolver that found no artifact;
+    a required one fails the plan), and a settled input repeating another input's artifact (the
+    candidate model resolved as its own baseline), which adds nothing and would stay uncached.
+    """
+    known = {
+        name: plans[ch.producer.id].cached_outputs.get(ch.name)
+        for name, ch in component.inputs.items()
+        if plans[ch.producer.id].cached
+    }
+    present: dict[str, Channel] = {}
+    for name, ch in component.inputs.items():
+        producer = plans[ch.producer.id]
+        if producer.cached and known[name] is None:
+            if not component.INPUTS[name].optional:
+                raise PipelineDefinitionError(
+                    f"{component.id}: input {name!r} comes from {ch.producer.id}, which found no "
+                    f"{ch.type.name} this run, and {component.id} cannot run without it"
+                )
+            continue
+        if producer.component.PLANNED and any(
+            other != name and a is not None and a.id is not None and a.id == known[name].id
+            for other, a in known.items()
+        ):
+            continue
+        present[name] = ch
+    return present
 
 
 def _merge_properties(dicts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -139,9 +170,8 @@ def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, Component
     """Apply every planned component to `p`."""
     values: dict[tuple[str, str], Any] = {}
     committed: dict[tuple[str, str], beam.PCollection] = {}
-    needed = {
-        (ch.producer.id, ch.name) for plan in plans.values() if not plan.cached for ch in plan.component.inputs.values()
-    }
+    present = {c.id: present_inputs(c, plans) for c in pipeline.ordered if not plans[c.id].cached}
+    needed = {(ch.producer.id, ch.name) for channels in present.values() for ch in channels.values()}
 
     def cached_value(producer: ComponentPlan, out: str, load: bool = True):
         key = (producer.id, out)
@@ -161,7 +191,7 @@ def build_graph(p: beam.Pipeline, pipeline: Pipeline, plans: dict[str, Component
                     cached_value(plan, out, load=False)
             continue
         inputs, committed_inputs, input_static, input_uris, readers = {}, {}, {}, {}, {}
-        for name, ch in component.inputs.items():
+        for name, ch in present[component.id].items():
             key = (ch.producer.id, ch.name)
             producer = plans[ch.producer.id]
             input_static[name] = producer.static_outputs.get(ch.name, {})

@@ -144,6 +144,9 @@ class Component(beam.PTransform):
     # A component that changes the world it fingerprints (the Pusher adds a version to the serving
     # directory) sets this so the key it records describes the world as it left it: a rerun finds that.
     FINGERPRINT_AFTER_RUN: ClassVar[bool] = False
+    # A node the launcher settles when it plans the run and that never runs in the graph
+    # (`beam_pipeline.nodes`: Importer, Resolver).
+    PLANNED: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -30,7 +30,7 @@ from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
 from beam_pipeline import artifact_io, caching, errors, remote_fs, staging
 from beam_pipeline.artifacts import Artifact
-from beam_pipeline.compiler import ComponentPlan, build_graph
+from beam_pipeline.compiler import ComponentPlan, build_graph, present_inputs
 from beam_pipeline.dsl import Pipeline, scratch_root
 from beam_pipeline.errors import BeamPipelineError, MetadataError, PipelineDefinitionError, PipelineRunError
 from beam_pipeline.metadata import HEARTBEAT_INTERVAL_S, MetadataStore
@@ -288,7 +288,11 @@ def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans:
     Filled in place so that, when planning fails half-way, the caller can end what was registered.
     """
     for c in pipeline.ordered:
-        input_static = {n: plans[ch.producer.id].static_outputs.get(ch.name, {}) for n, ch in c.inputs.items()}
+        if c.PLANNED:
+            _settle(c, pipeline, store, run_id, contexts, result, start_ms, plans)
+            continue
+        present = present_inputs(c, plans)
+        input_static = {n: plans[ch.producer.id].static_outputs.get(ch.name, {}) for n, ch in present.items()}
         plan = ComponentPlan(c, c.static_outputs(input_static), c.resolve(store, pipeline.name))
         plan.modules = caching.module_digests(c)
         plan.staged_modules = staging.stage_modules(pipeline.root, c)
@@ -341,10 +345,50 @@ def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans:
         store.annotate_execution(plan.execution_id, output_uris=plan.output_uris, staged_modules=plan.staged_modules)
 
 
+def _settle(c, pipeline, store, run_id, contexts, result, start_ms, plans: dict[str, ComponentPlan]) -> None:
+    """An Importer's or Resolver's outputs, decided now and recorded as a COMPLETE execution."""
+    plan = plans[c.id] = ComponentPlan(c, {}, {})
+    outputs = c.plan_outputs(store, pipeline.name)
+    plan.static_outputs = {name: _static_of(a) for name, a in outputs.items()}
+    plan.execution_id = store.start_execution(
+        type(c).__name__,
+        c.id,
+        pipeline_name=pipeline.name,
+        run_id=run_id,
+        config=c.exec_properties(),
+        cache_key="",
+        contexts=contexts,
+    )
+    store.finish_execution(
+        plan.execution_id,
+        state=mlmd_pb2.Execution.COMPLETE,
+        inputs={},
+        outputs=outputs,
+        contexts=contexts,
+        start_time_ms=start_ms,
+        end_time_ms=start_ms,
+    )
+    plan.cached_outputs = outputs
+    r = result.components[c.id]
+    r.state, r.execution_id, r.artifacts, r.end_time_ms = COMPLETE, plan.execution_id, outputs, start_ms
+    found = ", ".join(f"{n}={a.uri}" for n, a in outputs.items()) or "nothing"
+    log.info("%s: %s", c.id, found)
+
+
+def _static_of(artifact: Artifact) -> dict[str, Any]:
+    """What a consumer may ask at compile time about an artifact that already exists."""
+    static: dict[str, Any] = {}
+    if artifact.split_names:
+        static["splits"] = artifact.split_names
+    if artifact.properties.get("payload_format"):
+        static["payload_format"] = artifact.properties["payload_format"]
+    return static
+
+
 def _input_artifacts(component, plans) -> dict[str, list[Artifact]] | None:
     """Input artifacts when all are already known (their producers were cached), else None."""
     inputs = {}
-    for name, ch in component.inputs.items():
+    for name, ch in present_inputs(component, plans).items():
         producer = plans[ch.producer.id]
         if not producer.cached:
             return None
@@ -376,7 +420,8 @@ def _publish_ready(pipeline, plans, store, contexts, result, start_ms) -> bool:
         if any(m is None for m in markers.values()):
             continue
         outputs = {out: Artifact(c.OUTPUTS[out], plan.output_uris[out], m["properties"]) for out, m in markers.items()}
-        inputs = {name: [result.components[ch.producer.id].artifacts[ch.name]] for name, ch in c.inputs.items()}
+        present = present_inputs(c, plans)
+        inputs = {name: [result.components[ch.producer.id].artifacts[ch.name]] for name, ch in present.items()}
         end_ms = max(m["committed_at_ms"] for m in markers.values())
         began_ms = max([start_ms] + [result.components[up.id].end_time_ms or start_ms for up in c.upstream])
         external = c.external_fingerprint(inputs) if c.FINGERPRINT_AFTER_RUN else plan.external
