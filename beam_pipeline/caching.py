@@ -93,7 +93,7 @@ def cache_key(
     payload = {
         "type": f"{type(component).__module__}.{type(component).__qualname__}",
         "version": component.VERSION,
-        "config": component.exec_properties(),
+        "config": component.cache_config(),
         "modules": dict(modules),
         "external": external,
         "inputs": {name: [artifact_fingerprint(a) for a in arts] for name, arts in sorted(inputs.items())},

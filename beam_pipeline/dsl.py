@@ -212,6 +212,11 @@ class Component(beam.PTransform):
         """The runtime configuration recorded in ML Metadata and hashed into the cache key."""
         return {k: _jsonable(v, f"{self.id}: parameter {k!r}") for k, v in sorted(self.params.items())}
 
+    def cache_config(self) -> dict[str, Any]:
+        """The configuration hashed into the cache key: all of it, unless another key input already
+        says what a parameter decides (ExampleGen's range of spans: the files it picks)."""
+        return self.exec_properties()
+
     def external_fingerprint(self, inputs: Mapping[str, Sequence[Any]] | None = None) -> str:
         """Fingerprint of what decides the outputs besides config and channel inputs (input files,
         resolved artifacts); part of the cache key. `inputs` are the input Artifacts, when known."""

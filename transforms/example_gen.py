@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ from beam_pipeline.errors import InputDataError, PipelineDefinitionError
 from transforms._arrow_layout import list_schema, to_list_batch
 from transforms._csv_blocks import BadRecord, byte_ranges, parse_csv_block
 from transforms._csv_scan import scan_csv
-from transforms._input_files import match_files, match_metadata
+from transforms._input_files import match_metadata
 from transforms._parquet_tfrecord import (
     conform,
     parquet_row_groups,
@@ -30,10 +31,12 @@ from transforms._parquet_tfrecord import (
     same_parquet_schema,
     tfrecord_schema,
 )
+from transforms._spans import RangeConfig, Spans, check_pattern, has_spans
+from transforms._spans import select as select_spans
 from transforms._split_hash import assign_splits, row_hashes
 
 # to_list_batch: ExampleGen's layout, for the transforms used alone.
-__all__ = ["ExampleGen", "ReadExamples", "to_list_batch"]
+__all__ = ["ExampleGen", "RangeConfig", "ReadExamples", "to_list_batch"]
 
 FORMATS = ("csv", "parquet", "tfrecord")
 QUARANTINE_DIR = "Quarantine"
@@ -59,12 +62,20 @@ class ExampleGen(Component):
         column_types: Mapping[str, str] | None = None,
         on_bad_record: str = "error",
         block_size_bytes: int = 32 << 20,
+        range_config: RangeConfig | None = None,
         component_id: str | None = None,
     ):
         super().__init__(
             inputs={},
             params=_params(
-                input_base, format, splits, partition_feature, column_types, on_bad_record, block_size_bytes
+                input_base,
+                format,
+                splits,
+                partition_feature,
+                column_types,
+                on_bad_record,
+                block_size_bytes,
+                range_config,
             ),
             component_id=component_id,
         )
@@ -72,19 +83,25 @@ class ExampleGen(Component):
     # -- compile time (recomputed on every call: a Pipeline object may run again on new files) --------
     @property
     def files(self) -> list[str]:
-        return match_files(self.params["input_base"])
+        return [m.path for m in _matched(self.params)[0]]
 
     def external_fingerprint(self, inputs=None) -> str:
         """The input files' content, from the store's checksums or a stat-keyed digest memo: an
-        unchanged input is not read (see `beam_pipeline.fingerprints`)."""
-        return _input_fingerprint(match_metadata(self.params["input_base"]))
+        unchanged input is not read (see `beam_pipeline.fingerprints`). With spans, only the files
+        of the spans this run reads: a new span does not change a static range's key."""
+        return _input_fingerprint(_matched(self.params)[0])
+
+    def cache_config(self) -> dict[str, Any]:
+        """Without the range of spans: the files it picks are in the external fingerprint, so a static
+        range over yesterday's span reuses yesterday's latest-span run."""
+        return {k: v for k, v in self.exec_properties().items() if k != "range_config"}
 
     def flat_schema(self) -> pa.Schema:
         """Column types, decided at compile time and enforced on every block."""
-        return _plan_input(self.params, match_metadata(self.params["input_base"]))[0]
+        return _plan_input(self.params, _matched(self.params)[0])[0]
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        found = match_metadata(self.params["input_base"])
+        found, spans = _matched(self.params)
         files = [m.path for m in found]
         schema, notes = _plan_input(self.params, found)
         return {
@@ -96,6 +113,7 @@ class ExampleGen(Component):
                 "files": files,
                 "flat_schema": schema,
                 "column_type_notes": notes,
+                "spans": spans.properties() if spans else {},
             }
         }
 
@@ -108,12 +126,13 @@ class ExampleGen(Component):
         tagged = _read_splits(pbegin, self.params, static["files"], static["flat_schema"], uri)
         counts = tagged[_COUNTS] | "SumCounts" >> beam.CombineGlobally(_sum_counts)
         properties = counts | "Properties" >> beam.Map(
-            lambda c, names=tuple(splits), notes=tuple(notes): {
+            lambda c, names=tuple(splits), notes=tuple(notes), spans=static["spans"]: {
                 "split_names": list(names),
                 "row_counts": {s: c.get(s, 0) for s in names},
                 "bad_records": c.get(_BAD, 0),
                 "payload_format": artifact_io.PARQUET,
                 "column_type_notes": list(notes),
+                **spans,
             }
         )
         self.ctx.publish("examples", properties)
@@ -146,12 +165,13 @@ class ReadExamples(beam.PTransform):
         column_types: Mapping[str, str] | None = None,
         on_bad_record: str = "error",
         block_size_bytes: int = 32 << 20,
+        range_config: RangeConfig | None = None,
     ):
         super().__init__()
         self._params = _params(
-            input_base, format, splits, partition_feature, column_types, on_bad_record, block_size_bytes
+            input_base, format, splits, partition_feature, column_types, on_bad_record, block_size_bytes, range_config
         )
-        found = match_metadata(self._params["input_base"])
+        found = _matched(self._params)[0]
         self._files = [m.path for m in found]
         self._schema = _plan_input(self._params, found)[0]
 
@@ -165,8 +185,20 @@ class ReadExamples(beam.PTransform):
         return {s: tagged[s] for s in self._params["splits"]}
 
 
-def _params(input_base, format, splits, partition_feature, column_types, on_bad_record, block_size_bytes) -> dict:
+def _params(
+    input_base, format, splits, partition_feature, column_types, on_bad_record, block_size_bytes, range_config
+) -> dict:
     """The validated configuration shared by ExampleGen and ReadExamples."""
+    patterns = [input_base] if isinstance(input_base, str) else list(input_base)
+    spanned = [p for p in patterns if has_spans(p)]
+    if spanned:
+        if len(patterns) > 1:
+            raise PipelineDefinitionError(f"input_base {patterns}: a pattern with spans must be the only one")
+        check_pattern(spanned[0])
+    elif range_config is not None:
+        raise PipelineDefinitionError(
+            f"range_config needs spans in input_base (e.g. data/span-{{SPAN}}/*.csv); got {patterns}"
+        )
     if format not in FORMATS:
         raise PipelineDefinitionError(f"ExampleGen format {format!r}: expected one of {FORMATS}")
     if on_bad_record not in ("error", "skip"):
@@ -176,8 +208,10 @@ def _params(input_base, format, splits, partition_feature, column_types, on_bad_
         raise PipelineDefinitionError(
             f"splits {splits}: expected positive integer weights, e.g. {{'train': 2, 'eval': 1}}"
         )
+    spans = {"range_config": dataclasses.asdict(range_config or RangeConfig.latest())} if spanned else {}
     return {
-        "input_base": [input_base] if isinstance(input_base, str) else list(input_base),
+        "input_base": patterns,
+        **spans,  # only with spans, so the configuration (and cache key) of other inputs is as it was
         "format": format,
         "splits": splits,
         "partition_feature": partition_feature,
@@ -185,6 +219,13 @@ def _params(input_base, format, splits, partition_feature, column_types, on_bad_
         "on_bad_record": on_bad_record,
         "block_size_bytes": block_size_bytes,
     }
+
+
+def _matched(params: Mapping[str, Any]) -> tuple[list[FileMetadata], Spans | None]:
+    """The files this run reads (with spans: those of the spans its range picks) and the spans."""
+    if params.get("range_config") is None:
+        return match_metadata(params["input_base"]), None
+    return select_spans(params["input_base"][0], RangeConfig(**params["range_config"]))
 
 
 def _read_splits(pbegin, params: Mapping[str, Any], files: list[str], schema: pa.Schema, uri: str | None):

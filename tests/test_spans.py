@@ -1,0 +1,128 @@
+"""Spans and versions: daily data ingested one span at a time, ranges, versions and date patterns."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+
+from beam_pipeline.errors import InputDataError, PipelineDefinitionError
+from tests.conftest import PENGUIN_CSV
+from tests.helpers import run_components
+from transforms._spans import RangeConfig, select
+from transforms.example_gen import ExampleGen, ReadExamples
+from transforms.example_validator import ExampleValidator
+from transforms.schema_gen import SchemaGen
+from transforms.statistics_gen import StatisticsGen
+
+DAYS = 3
+
+
+def _write_spans(base, rows_per_span: int = 100, layout: str = "span-{span}/data.csv") -> list[int]:
+    """The penguin rows cut into DAYS consecutive spans of `rows_per_span` rows; rows per span written."""
+    with open(PENGUIN_CSV, newline="") as f:
+        reader = csv.reader(f)
+        header, rows = next(reader), list(reader)
+    counts = []
+    for day in range(DAYS):
+        chunk = rows[day * rows_per_span : (day + 1) * rows_per_span]
+        path = base / layout.format(span=day + 1, day=day + 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as out:
+            csv.writer(out).writerows([header, *chunk])
+        counts.append(len(chunk))
+    return counts
+
+
+def _daily(pattern: str, range_config: RangeConfig | None = None) -> list:
+    gen = ExampleGen(input_base=pattern, range_config=range_config, splits={"train": 3, "eval": 1})
+    stats = StatisticsGen(examples=gen.outputs.examples)
+    schema = SchemaGen(statistics=stats.outputs.statistics)
+    validator = ExampleValidator(
+        statistics=stats.outputs.statistics,
+        schema=schema.outputs.schema,
+        drift_comparators={"species": 0.01},  # the species shift from day to day in this file's order
+        drift_baseline="previous_run",
+    )
+    return [gen, stats, schema, validator]
+
+
+def _rows(result) -> int:
+    return sum(result.artifact("ExampleGen", "examples").properties["row_counts"].values())
+
+
+@pytest.mark.slow
+def test_daily_spans_ingested_one_by_one_then_a_rolling_window_and_a_static_range(tmp_path):
+    data, root = tmp_path / "data", tmp_path / "root"
+    counts = _write_spans(data)
+    pattern = str(data / "span-{SPAN}" / "*.csv")
+    for day in (2, 3):  # the later days arrive later
+        os.rename(data / f"span-{day}", data / f"later-{day}")
+
+    first = run_components(root, _daily(pattern), name="daily")
+    props = first.artifact("ExampleGen", "examples").properties
+    assert (props["span"], props["spans"], props["version"]) == (1, [1], None)
+    assert _rows(first) == counts[0]
+
+    os.rename(data / "later-2", data / "span-2")
+    second = run_components(root, _daily(pattern), name="daily")
+    props = second.artifact("ExampleGen", "examples").properties
+    assert (props["span"], props["spans"]) == (2, [2])
+    assert _rows(second) == counts[1]  # only the new span was read
+    # Day 2 is compared with day 1's statistics: the previous run's, the previous span's.
+    anomalies = second.artifact("ExampleValidator", "anomalies").properties
+    assert anomalies["anomaly_count"] >= 1
+
+    os.rename(data / "later-3", data / "span-3")
+    window = run_components(root, _daily(pattern, RangeConfig.rolling(2)), name="daily")
+    props = window.artifact("ExampleGen", "examples").properties
+    assert (props["span"], props["spans"]) == (3, [2, 3])
+    assert _rows(window) == counts[1] + counts[2]
+
+    # Span 1 again: the same files as the first run, so everything is reused from it.
+    again = run_components(root, _daily(pattern, RangeConfig.static(1, 1)), name="daily")
+    assert again.components["ExampleGen"].state == "CACHED"
+    assert again.artifact("ExampleGen", "examples").id == first.artifact("ExampleGen", "examples").id
+
+
+def test_the_newest_version_of_each_span_is_read(tmp_path):
+    counts = _write_spans(tmp_path, rows_per_span=40, layout="span-{span}/v-1/data.csv")
+    _write_spans(tmp_path, rows_per_span=50, layout="span-{span}/v-2/data.csv")
+    (tmp_path / "span-3" / "v-2" / "data.csv").unlink()  # span 3 has only its first version
+    files, spans = select(str(tmp_path / "span-{SPAN}" / "v-{VERSION}" / "*.csv"), RangeConfig.rolling(3))
+    assert spans.spans == [1, 2, 3] and spans.versions == {1: 2, 2: 2, 3: 1}
+    assert [os.path.relpath(m.path, tmp_path) for m in files] == [
+        "span-1/v-2/data.csv",
+        "span-2/v-2/data.csv",
+        "span-3/v-1/data.csv",
+    ]
+    assert counts == [40, 40, 40]
+
+
+def test_a_date_pattern_gives_days_since_the_epoch_as_spans(tmp_path):
+    _write_spans(tmp_path, rows_per_span=20, layout="2026-12-0{day}/data.csv")
+    read = ReadExamples(str(tmp_path / "{YYYY}-{MM}-{DD}" / "*.csv"), range_config=RangeConfig.rolling(2))
+    assert read.arrow_schema.names[0] == "species"
+    files, spans = select(str(tmp_path / "{YYYY}-{MM}-{DD}" / "*.csv"), RangeConfig.latest())
+    assert spans.spans == [20790]  # 2026-12-03
+    assert [os.path.basename(os.path.dirname(m.path)) for m in files] == ["2026-12-03"]
+
+
+def test_bad_span_configurations_are_refused_naming_what_is_wrong(tmp_path):
+    _write_spans(tmp_path, rows_per_span=10)
+    pattern = str(tmp_path / "span-{SPAN}" / "*.csv")
+    with pytest.raises(InputDataError, match=r"spans \[4, 5\] have no files; spans found: \[1, 2, 3\]"):
+        _ = ExampleGen(input_base=pattern, range_config=RangeConfig.static(3, 5)).files
+    (tmp_path / "other" / "span-abc").mkdir(parents=True)
+    (tmp_path / "other" / "span-abc" / "data.csv").write_text("a\n1\n")
+    with pytest.raises(InputDataError, match="matches no file with a span"):
+        select(str(tmp_path / "other" / "span-{SPAN}" / "*.csv"), RangeConfig.latest())
+    with pytest.raises(PipelineDefinitionError, match="range_config needs spans in input_base"):
+        ExampleGen(input_base=str(tmp_path / "*.csv"), range_config=RangeConfig.rolling(2))
+    with pytest.raises(PipelineDefinitionError, match=r"use \{SPAN\} or a date, not both"):
+        ExampleGen(input_base="d/{SPAN}/{YYYY}-{MM}-{DD}.csv")
+    with pytest.raises(PipelineDefinitionError, match="needs a span"):
+        ExampleGen(input_base="d/v-{VERSION}/*.csv")
+    with pytest.raises(PipelineDefinitionError, match="expected at least one span"):
+        RangeConfig.rolling(0)
