@@ -15,6 +15,8 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam import coders
+from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
@@ -223,6 +225,65 @@ class ReadSplit(beam.PTransform):
             | "Spread" >> beam.Reshuffle()
             | "Read" >> beam.ParDo(_ReadParquet())
         )
+
+
+class _ParquetWriter:
+    """One shard: a Parquet file of the batches Beam hands it, its schema the first batch's."""
+
+    def __init__(self, raw: Any):
+        self._raw, self._writer, self._schema = raw, None, None
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        table = pa.Table.from_batches([batch])
+        if self._writer is None:
+            self._schema = batch.schema
+            self._writer = pq.ParquetWriter(self._raw, self._schema, compression="snappy")
+        elif batch.schema != self._schema:
+            table = table.select(self._schema.names).cast(self._schema)
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        if self._writer is None:  # an empty split: a valid file of no rows
+            pq.write_table(pa.table({}), self._raw)
+        else:
+            self._writer.close()
+        self._raw.close()
+
+
+class _ParquetBatchSink(filebasedsink.FileBasedSink):
+    """RecordBatches to Parquet shards, with Beam's temporary files and finalization (a retried
+    bundle never leaves its rows twice)."""
+
+    def __init__(self, file_path_prefix: str):
+        super().__init__(
+            file_path_prefix,
+            coder=coders.BytesCoder(),  # unused: write_record takes the batch itself
+            file_name_suffix=".parquet",
+            mime_type="application/octet-stream",
+            compression_type=CompressionTypes.UNCOMPRESSED,
+        )
+
+    def open(self, temp_path: str) -> Any:
+        return _ParquetWriter(super().open(temp_path))
+
+    def write_record(self, file_handle: Any, value: pa.RecordBatch) -> None:
+        file_handle.write(value)
+
+
+class WriteBatchesToParquet(beam.PTransform):
+    """RecordBatches to Parquet files `<prefix>-SSSSS-of-NNNNN.parquet` (the layout `ReadSplit` reads).
+
+    Beam's FileBasedSink writes temporary files and renames them once the write is finalized, so a
+    retried bundle never leaves its rows twice. Each file's schema is its first batch's; later
+    batches are conformed to it. Output: the written file names.
+    """
+
+    def __init__(self, file_path_prefix: str):
+        super().__init__()
+        self._sink = _ParquetBatchSink(file_path_prefix)
+
+    def expand(self, batches: beam.PCollection) -> beam.PCollection:
+        return batches | beam.io.Write(self._sink)
 
 
 def rereadable(payload_format: str | None) -> bool:

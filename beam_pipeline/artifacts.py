@@ -35,6 +35,7 @@ MODEL_RUN = ArtifactType("ModelRun")
 MODEL_EVALUATION = ArtifactType("ModelEvaluation")
 MODEL_BLESSING = ArtifactType("ModelBlessing", ("blessed",))
 PUSHED_MODEL = ArtifactType("PushedModel", ("pushed", "pushed_destination", "pushed_version"))
+INFERENCE_RESULT = ArtifactType("InferenceResult")
 
 ALL_TYPES = {
     t.name: t
@@ -49,6 +50,7 @@ ALL_TYPES = {
         MODEL_EVALUATION,
         MODEL_BLESSING,
         PUSHED_MODEL,
+        INFERENCE_RESULT,
     )
 }
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.compute as pc
 import tensorflow_model_analysis as tfma
 from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
 
 from transforms import _fast_metrics
+from transforms._tf_examples import serialize_rows
 
 # TFMA runs the model once per batch; ExampleGen batches can be whole file blocks.
 MAX_BATCH_ROWS = 2048
@@ -105,22 +105,13 @@ def _slices(batch: pa.RecordBatch, max_rows: int) -> Iterator[pa.RecordBatch]:
 
 
 class _AddSerializedExamples(beam.DoFn):
-    """Append the serialized tf.Example of each row as TFMA's raw-record column.
-
-    Missing values arrive as null lists; an empty list (possible from Parquet or TFRecord input) is
-    encoded as null too, i.e. a feature without a value list, which tf.io.parse_example treats as
-    missing: a FixedLenFeature then gets its default instead of failing on zero values.
-    """
+    """Append the serialized tf.Example of each row as TFMA's raw-record column."""
 
     def setup(self) -> None:
         self._encoder = RecordBatchToExamplesEncoder()
 
     def process(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
-        columns = []
-        for column in batch.columns:
-            empty = pc.fill_null(pc.equal(pc.list_value_length(column), 0), True)
-            columns.append(pc.if_else(empty, pa.scalar(None, column.type), column))
-        serialized = self._encoder.encode(pa.RecordBatch.from_arrays(columns, schema=batch.schema))
+        serialized = serialize_rows(self._encoder, batch)
         raw = pa.array([[s] for s in serialized], pa.large_list(pa.large_binary()))
         yield pa.RecordBatch.from_arrays([*batch.columns, raw], names=[*batch.schema.names, tfma.ARROW_INPUT_COLUMN])
 
