@@ -36,6 +36,7 @@ MODEL_EVALUATION = ArtifactType("ModelEvaluation")
 MODEL_BLESSING = ArtifactType("ModelBlessing", ("blessed",))
 PUSHED_MODEL = ArtifactType("PushedModel", ("pushed", "pushed_destination", "pushed_version"))
 INFERENCE_RESULT = ArtifactType("InferenceResult")
+INFRA_BLESSING = ArtifactType("InfraBlessing", ("infra_blessed",))
 
 ALL_TYPES = {
     t.name: t
@@ -51,6 +52,7 @@ ALL_TYPES = {
         MODEL_BLESSING,
         PUSHED_MODEL,
         INFERENCE_RESULT,
+        INFRA_BLESSING,
     )
 }
 

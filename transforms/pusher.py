@@ -1,7 +1,8 @@
 """Pusher: push a blessed model to a TF Serving model base path (transforms/push_model.py), never over an unjudged one.
 
-A model that is not blessed is not pushed. With change thresholds, a guarded push checks that what
-is served is a model its own was judged against (transforms/_push_record.py says why).
+A model that is not blessed is not pushed, nor one an InfraValidator could not serve. With change
+thresholds, a guarded push checks that what is served is a model its own was judged against
+(transforms/_push_record.py says why).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import apache_beam as beam
 
 from beam_pipeline import artifact_io, remote_fs
-from beam_pipeline.artifacts import MODEL, MODEL_BLESSING, PUSHED_MODEL, Artifact
+from beam_pipeline.artifacts import INFRA_BLESSING, MODEL, MODEL_BLESSING, PUSHED_MODEL, Artifact
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import PipelineDefinitionError
 from transforms import _push_store
@@ -46,7 +47,7 @@ class _Push:
         self.known_pushes = dict(known_pushes)
         self.baselines = None if baselines is None else dict(baselines)  # None: blessings are not relative
 
-    def __call__(self, blessing: Artifact, model: Artifact) -> dict[str, Any]:
+    def __call__(self, blessing: Artifact, model: Artifact, infra: Artifact | None = None) -> dict[str, Any]:
         blessed_model = blessing.properties.get("model_uri")
         if blessed_model is not None and blessed_model != model.uri:
             raise PipelineDefinitionError(
@@ -57,6 +58,11 @@ class _Push:
         if int(blessing.properties.get("blessed", 0)) != 1:
             why = blessing.properties.get("blessing_message") or "the blessing says blessed=0"
             message = f"model {model.uri} is not blessed; nothing pushed to {self.serving_model_dir} ({why})"
+            log.warning("%s", message)
+            properties = {"pushed": 0, "push_message": message}
+        elif infra is not None and int(infra.properties.get("infra_blessed", 0)) != 1:
+            why = infra.properties.get("infra_message") or "the infra blessing says infra_blessed=0"
+            message = f"model {model.uri} failed infra validation; nothing pushed to {self.serving_model_dir} ({why})"
             log.warning("%s", message)
             properties = {"pushed": 0, "push_message": message}
         else:
@@ -118,7 +124,11 @@ class Pusher(Component):
     the serving directory, not only on the inputs.
     """
 
-    INPUTS = {"model": InputSpec(MODEL), "blessing": InputSpec(MODEL_BLESSING)}
+    INPUTS = {
+        "model": InputSpec(MODEL),
+        "blessing": InputSpec(MODEL_BLESSING),
+        "infra_blessing": InputSpec(INFRA_BLESSING, optional=True),
+    }
     OUTPUTS = {"pushed_model": PUSHED_MODEL}
     FINGERPRINT_AFTER_RUN = True  # the key records the versions as this push left them, so a rerun finds it
 
@@ -128,6 +138,7 @@ class Pusher(Component):
         model: Channel,
         blessing: Channel,
         serving_model_dir: str,
+        infra_blessing: Channel | None = None,
         component_id: str | None = None,
     ):
         check_destination(serving_model_dir, "Pusher")
@@ -138,7 +149,7 @@ class Pusher(Component):
                 f"to push is {model!r}: wire the Pusher to the model its Evaluator judged"
             )
         super().__init__(
-            inputs={"model": model, "blessing": blessing},
+            inputs={"model": model, "blessing": blessing, "infra_blessing": infra_blessing},
             params={"serving_model_dir": _normalized(serving_model_dir)},
             component_id=component_id,
         )
@@ -194,6 +205,7 @@ class Pusher(Component):
             known_pushes=ctx.resolved.get("known_pushes", {}),
             baselines=ctx.resolved.get("baselines"),
         )
-        pushed = inputs["blessing"] | "Push" >> beam.Map(push, beam.pvalue.AsSingleton(inputs["model"]))
+        extra = {"infra": beam.pvalue.AsSingleton(inputs["infra_blessing"])} if "infra_blessing" in inputs else {}
+        pushed = inputs["blessing"] | "Push" >> beam.Map(push, beam.pvalue.AsSingleton(inputs["model"]), **extra)
         ctx.publish("pushed_model", pushed)
         return {}
