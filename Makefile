@@ -23,11 +23,16 @@ $(STAMP): $(PY) setup.py requirements.txt constraints.txt
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=3 $(VENV)/bin/beam-pipeline run examples/chicago_taxi/pipeline.py --pipeline-root pipelines/chicago_taxi
 
+# Two workers (pytest-xdist), each test module on one of them so its fixtures are built once
+# (tests/conftest.py groups them); TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -20,7 +20,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -147,15 +147,21 @@ def compile_run(
     *,
     metadata_uri: str | MetadataStore | None = None,
     enable_cache: bool | None = None,
+    run_id: str | None = None,
+    settled: Mapping[str, tuple[ComponentPlan, ComponentResult]] | None = None,
 ) -> CompiledRun:
-    """Plan (cache lookups, resolution), register executions and build the Beam graph; runs nothing."""
+    """Plan (cache lookups, resolution), register executions and build the Beam graph; runs nothing.
+
+    `run_id` and `settled` continue a run (see `conditional_run`): components already done in it
+    keep their plan and result, their outputs treated like cached ones.
+    """
     uri = metadata_uri_for(pipeline, metadata_uri)
     check_paths_reach_workers(pipeline, beam_args)
     beam_args = [*beam_args, *enable_filesystems(pipeline, beam_args)]  # before anything touches the root
     store = uri if isinstance(uri, MetadataStore) else MetadataStore(uri)
     use_cache = pipeline.enable_cache if enable_cache is None else enable_cache
     sweep_abandoned(store, pipeline.name)
-    run_id = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    run_id = run_id or datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     contexts = store.run_contexts(pipeline.name, run_id)
     result = RunResult(
         pipeline.name,
@@ -167,6 +173,8 @@ def compile_run(
     start_ms = result.start_ms = int(time.time() * 1000)
     plans: dict[str, ComponentPlan] = {}
     try:
+        for component_id, (plan, done) in (settled or {}).items():
+            plans[component_id], result.components[component_id] = plan, done
         _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans)
         options = PipelineOptions(list(pipeline.beam_pipeline_args) + list(beam_args))
         runner = options.view_as(StandardOptions).runner
@@ -202,7 +210,17 @@ def run(
     enable_cache: bool | None = None,
     on_update: Callable[[RunResult], None] | None = None,
 ) -> RunResult:
-    """Run the pipeline as one Beam job; returns per-component results or raises a BeamPipelineError."""
+    """Run the pipeline as one Beam job; returns per-component results or raises a BeamPipelineError.
+
+    A pipeline with `Cond`s runs as two jobs: the unconditional part, then what its conditions allow
+    (`beam_pipeline.conditional_run`).
+    """
+    if any(c.conditions for c in pipeline.ordered):
+        from beam_pipeline import conditional_run
+
+        return conditional_run.run_in_phases(
+            pipeline, beam_args, metadata_uri=metadata_uri, enable_cache=enable_cache, on_update=on_update
+        )
     compiled = compile_run(pipeline, beam_args, metadata_uri=metadata_uri, enable_cache=enable_cache)
     return execute(compiled, on_update=on_update)
 
@@ -288,6 +306,8 @@ def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans:
     Filled in place so that, when planning fails half-way, the caller can end what was registered.
     """
     for c in pipeline.ordered:
+        if c.id in plans:  # settled earlier in this run
+            continue
         if c.PLANNED:
             _settle(c, pipeline, store, run_id, contexts, result, start_ms, plans)
             continue
