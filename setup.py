@@ -35,6 +35,8 @@ setup(
         "httptools",
         "orjson",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "hypothesis", "httpx", "httpx2", "moto[server]"]},
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "hypothesis", "httpx", "httpx2", "moto[server]"]
+    },
     entry_points={"console_scripts": ["beam-pipeline=beam_pipeline.cli:main"]},
 )

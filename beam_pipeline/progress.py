@@ -11,7 +11,14 @@ from rich.table import Table
 from beam_pipeline.dsl import Pipeline
 from beam_pipeline.launcher import RunResult
 
-_STYLE = {"COMPLETE": "green", "CACHED": "cyan", "FAILED": "red", "RUNNING": "yellow", "PENDING": "dim", "SKIPPED": "dim"}
+_STYLE = {
+    "COMPLETE": "green",
+    "CACHED": "cyan",
+    "FAILED": "red",
+    "RUNNING": "yellow",
+    "PENDING": "dim",
+    "SKIPPED": "dim",
+}
 
 
 def _seconds(value: float | None) -> str:
