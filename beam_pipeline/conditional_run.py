@@ -16,10 +16,11 @@ from collections.abc import Callable, Sequence
 
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline import launcher
+from beam_pipeline import launcher, planner
 from beam_pipeline.dsl import Component, Pipeline
 from beam_pipeline.errors import PipelineDefinitionError
 from beam_pipeline.metadata import MetadataStore
+from beam_pipeline.run_result import ComponentResult
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +115,9 @@ def _record_skipped(pipeline, store: MetadataStore, result: launcher.RunResult, 
         if c.id not in skipped:
             continue
         reason = f"skipped: {skipped[c.id]}"
-        execution_id = store.start_execution(
-            type(c).__name__,
-            c.id,
-            pipeline_name=pipeline.name,
-            run_id=result.run_id,
-            config=c.exec_properties(),
-            cache_key="",
-            contexts=contexts,
-        )
+        execution_id = planner.register(store, c, pipeline.name, result.run_id, contexts)
         store.finish_execution(
             execution_id, state=mlmd_pb2.Execution.CANCELED, inputs={}, outputs={}, contexts=contexts, error=reason
         )
-        result.components[c.id] = launcher.ComponentResult(c.id, type(c).__name__, SKIPPED, execution_id)
+        result.components[c.id] = ComponentResult(c.id, type(c).__name__, SKIPPED, execution_id)
         log.info("%s: %s", c.id, reason)

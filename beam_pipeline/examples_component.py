@@ -95,7 +95,12 @@ class ExamplesComponent(Component):
             counts.append(rows)
             outputs[split] = out
         splits = list(inputs["examples"])
-        row_counts = counts | "AllSplits" >> beam.Flatten() | "Merge" >> beam.CombineGlobally(_merge)
+        row_counts = (
+            counts
+            | "AllSplits" >> beam.Flatten()
+            | "Gather" >> beam.combiners.ToList()
+            | "Merge" >> beam.Map(lambda per_split: {s: n for d in per_split for s, n in d.items()})
+        )
         self.ctx.publish(
             "examples",
             row_counts
@@ -131,11 +136,3 @@ def _checked(batch: Any, component_id: str, split: str, expected: pa.Schema | No
             "keeps its input's columns and types: feature engineering is Transform's"
         )
     return batch
-
-
-def _merge(dicts) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = out.get(k, 0) + v
-    return out

@@ -28,45 +28,17 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline import artifact_io, caching, errors, remote_fs, staging
+from beam_pipeline import artifact_io, caching, errors, planner, remote_fs
 from beam_pipeline.artifacts import Artifact
 from beam_pipeline.compiler import ComponentPlan, build_graph, present_inputs
 from beam_pipeline.dsl import Pipeline, scratch_root
 from beam_pipeline.errors import BeamPipelineError, MetadataError, PipelineDefinitionError, PipelineRunError
 from beam_pipeline.metadata import HEARTBEAT_INTERVAL_S, MetadataStore
+from beam_pipeline.run_result import CACHED, CANCELED, COMPLETE, FAILED, RUNNING
+from beam_pipeline.run_result import ComponentResult as ComponentResult  # the run's result types, re-exported
+from beam_pipeline.run_result import RunResult as RunResult
 
 log = logging.getLogger(__name__)
-
-PENDING, RUNNING, COMPLETE, CACHED, FAILED, CANCELED = "PENDING", "RUNNING", "COMPLETE", "CACHED", "FAILED", "CANCELED"
-
-
-@dataclasses.dataclass
-class ComponentResult:
-    id: str
-    type: str
-    state: str = PENDING
-    execution_id: int | None = None
-    busy_s: float | None = None  # processing time the runner measured in its transforms
-    artifacts: dict[str, Artifact] = dataclasses.field(default_factory=dict)
-    end_time_ms: int | None = None
-
-
-@dataclasses.dataclass
-class RunResult:
-    pipeline_name: str
-    pipeline_root: str
-    run_id: str
-    metadata_uri: str
-    components: dict[str, ComponentResult]
-    error: str | None = None
-    start_ms: int = 0
-
-    @property
-    def succeeded(self) -> bool:
-        return self.error is None
-
-    def artifact(self, component_id: str, output: str) -> Artifact:
-        return self.components[component_id].artifacts[output]
 
 
 def default_metadata_uri(pipeline: Pipeline) -> str:
@@ -175,7 +147,7 @@ def compile_run(
     try:
         for component_id, (plan, done) in (settled or {}).items():
             plans[component_id], result.components[component_id] = plan, done
-        _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans)
+        planner.plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans)
         options = PipelineOptions(list(pipeline.beam_pipeline_args) + list(beam_args))
         runner = options.view_as(StandardOptions).runner
         if runner is None or runner.lower() in ("fnapi", "fnapirunner"):
@@ -300,132 +272,6 @@ def _execute(compiled: CompiledRun, on_update: Callable[[RunResult], None] | Non
     return result
 
 
-def _plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans: dict[str, ComponentPlan]) -> None:
-    """Decide per component: reuse (CACHED, recorded now) or run (registered RUNNING). Fills `plans`.
-
-    Filled in place so that, when planning fails half-way, the caller can end what was registered.
-    """
-    for c in pipeline.ordered:
-        if c.id in plans:  # settled earlier in this run
-            continue
-        if c.PLANNED:
-            _settle(c, pipeline, store, run_id, contexts, result, start_ms, plans)
-            continue
-        present = present_inputs(c, plans)
-        input_static = {n: plans[ch.producer.id].static_outputs.get(ch.name, {}) for n, ch in present.items()}
-        plan = ComponentPlan(c, c.static_outputs(input_static), c.resolve(store, pipeline.name))
-        plan.modules = caching.module_digests(c)
-        plan.staged_modules = staging.stage_modules(pipeline.root, c)
-        plans[c.id] = plan
-        inputs = _input_artifacts(c, plans)
-        plan.external = c.external_fingerprint(inputs)
-        cache_on = use_cache if c.enable_cache is None else c.enable_cache
-        if cache_on and inputs is not None and not c.always_run():
-            key = caching.cache_key(c, inputs, resolved=plan.resolved, external=plan.external, modules=plan.modules)
-            hit = store.cached_outputs(key, type(c).__name__)
-            if hit is not None:
-                original_id, plan.cached_outputs = hit
-                execution_id = store.start_execution(
-                    type(c).__name__,
-                    c.id,
-                    pipeline_name=pipeline.name,
-                    run_id=run_id,
-                    config=c.exec_properties(),
-                    cache_key=key,
-                    contexts=contexts,
-                )
-                if plan.staged_modules:
-                    store.annotate_execution(execution_id, staged_modules=plan.staged_modules)
-                store.finish_execution(
-                    execution_id,
-                    state=mlmd_pb2.Execution.CACHED,
-                    inputs=_with_resolved(inputs, plan),
-                    outputs=plan.cached_outputs,
-                    contexts=contexts,
-                    start_time_ms=start_ms,
-                )
-                r = result.components[c.id]
-                r.state, r.execution_id, r.artifacts = CACHED, execution_id, plan.cached_outputs
-                r.end_time_ms = start_ms
-                log.info("%s: reusing outputs of execution %d", c.id, original_id)
-                continue
-        plan.execution_id = store.start_execution(
-            type(c).__name__,
-            c.id,
-            pipeline_name=pipeline.name,
-            run_id=run_id,
-            config=c.exec_properties(),
-            cache_key="",
-            contexts=contexts,
-        )
-        result.components[c.id].execution_id = plan.execution_id
-        plan.output_uris = {
-            out: FileSystems.join(pipeline.root, c.id, out, str(plan.execution_id)) for out in c.OUTPUTS
-        }
-        store.annotate_execution(plan.execution_id, output_uris=plan.output_uris, staged_modules=plan.staged_modules)
-
-
-def _settle(c, pipeline, store, run_id, contexts, result, start_ms, plans: dict[str, ComponentPlan]) -> None:
-    """An Importer's or Resolver's outputs, decided now and recorded as a COMPLETE execution."""
-    plan = plans[c.id] = ComponentPlan(c, {}, {})
-    outputs = c.plan_outputs(store, pipeline.name)
-    plan.static_outputs = {name: _static_of(a) for name, a in outputs.items()}
-    plan.execution_id = store.start_execution(
-        type(c).__name__,
-        c.id,
-        pipeline_name=pipeline.name,
-        run_id=run_id,
-        config=c.exec_properties(),
-        cache_key="",
-        contexts=contexts,
-    )
-    store.finish_execution(
-        plan.execution_id,
-        state=mlmd_pb2.Execution.COMPLETE,
-        inputs={},
-        outputs=outputs,
-        contexts=contexts,
-        start_time_ms=start_ms,
-        end_time_ms=start_ms,
-    )
-    plan.cached_outputs = outputs
-    r = result.components[c.id]
-    r.state, r.execution_id, r.artifacts, r.end_time_ms = COMPLETE, plan.execution_id, outputs, start_ms
-    found = ", ".join(f"{n}={a.uri}" for n, a in outputs.items()) or "nothing"
-    log.info("%s: %s", c.id, found)
-
-
-def _static_of(artifact: Artifact) -> dict[str, Any]:
-    """What a consumer may ask at compile time about an artifact that already exists."""
-    static: dict[str, Any] = {}
-    if artifact.split_names:
-        static["splits"] = artifact.split_names
-    if artifact.properties.get("payload_format"):
-        static["payload_format"] = artifact.properties["payload_format"]
-    return static
-
-
-def _input_artifacts(component, plans) -> dict[str, list[Artifact]] | None:
-    """Input artifacts when all are already known (their producers were cached), else None."""
-    inputs = {}
-    for name, ch in present_inputs(component, plans).items():
-        producer = plans[ch.producer.id]
-        if not producer.cached:
-            return None
-        inputs[name] = [producer.cached_outputs[ch.name]]
-    return inputs
-
-
-def _with_resolved(inputs: dict[str, list[Artifact]], plan: ComponentPlan) -> dict[str, list[Artifact]]:
-    # A resolved artifact that is also a regular input (e.g. a cached model that is its own
-    # baseline) is linked once: ML Metadata allows one INPUT event per (execution, artifact).
-    linked = {a.id for arts in inputs.values() for a in arts}
-    extra = {
-        k: [v] for k, v in plan.resolved.items() if isinstance(v, Artifact) and v.id is not None and v.id not in linked
-    }
-    return {**inputs, **extra}
-
-
 def _publish_ready(pipeline, plans, store, contexts, result, start_ms) -> bool:
     """Publish every running component whose outputs are committed and whose producers are published."""
     changed = False
@@ -449,7 +295,7 @@ def _publish_ready(pipeline, plans, store, contexts, result, start_ms) -> bool:
         store.finish_execution(
             plan.execution_id,
             state=mlmd_pb2.Execution.COMPLETE,
-            inputs=_with_resolved(inputs, plan),
+            inputs=planner.with_resolved(inputs, plan),
             outputs=outputs,
             contexts=contexts,
             end_time_ms=end_ms,
