@@ -20,6 +20,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline.artifacts import ArtifactType
+from beam_pipeline.conditions import Cond as Cond  # re-exported: part of the DSL
+from beam_pipeline.conditions import Predicate, PropertyRef, active_conditions
 from beam_pipeline.errors import PipelineDefinitionError
 
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -49,92 +51,9 @@ class Channel:
     def __repr__(self) -> str:
         return f"Channel({self.producer.id}.outputs.{self.name}: {self.type.name})"
 
-    def property(self, name: str) -> _PropertyRef:
+    def property(self, name: str) -> PropertyRef:
         """A property of this output's artifact, to compare in a `Cond`: `blessing.property("blessed") == 1`."""
-        return _PropertyRef(self, name)
-
-
-_OPS: dict[str, Any] = {
-    "==": lambda a, b: a == b,
-    "!=": lambda a, b: a != b,
-    ">": lambda a, b: a is not None and a > b,
-    ">=": lambda a, b: a is not None and a >= b,
-    "<": lambda a, b: a is not None and a < b,
-    "<=": lambda a, b: a is not None and a <= b,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Predicate:
-    """`channel`'s artifact property `name` compared with `value`: the condition of a `Cond`."""
-
-    channel: Channel
-    name: str
-    op: str
-    value: Any
-
-    def holds(self, properties: Mapping[str, Any]) -> bool:
-        return bool(_OPS[self.op](properties.get(self.name), self.value))
-
-    def __str__(self) -> str:
-        return f"{self.channel.producer.id}.{self.channel.name}.{self.name} {self.op} {self.value!r}"
-
-
-class _PropertyRef:
-    def __init__(self, channel: Channel, name: str):
-        self._channel, self._name = channel, name
-
-    def _compare(self, op: str, value: Any) -> Predicate:
-        return Predicate(self._channel, self._name, op, value)
-
-    def __eq__(self, value: Any) -> Predicate:  # type: ignore[override]
-        return self._compare("==", value)
-
-    def __ne__(self, value: Any) -> Predicate:  # type: ignore[override]
-        return self._compare("!=", value)
-
-    def __gt__(self, value: Any) -> Predicate:
-        return self._compare(">", value)
-
-    def __ge__(self, value: Any) -> Predicate:
-        return self._compare(">=", value)
-
-    def __lt__(self, value: Any) -> Predicate:
-        return self._compare("<", value)
-
-    def __le__(self, value: Any) -> Predicate:
-        return self._compare("<=", value)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-_CONDITIONS: list[Predicate] = []
-
-
-class Cond:
-    """Components defined inside run only when `predicate` holds for the artifact of this run:
-
-        with Cond(evaluator.outputs.blessing.property("blessed") == 1):
-            pusher = Pusher(...)
-
-    The launcher runs the pipeline's unconditional part first, then judges each condition on the
-    published artifact and runs what holds; a component whose condition does not hold, and
-    everything downstream of it, is recorded as skipped with the reason.
-    """
-
-    def __init__(self, predicate: Predicate):
-        if not isinstance(predicate, Predicate):
-            raise PipelineDefinitionError(
-                f"Cond needs a comparison such as channel.property('blessed') == 1, got {predicate!r}"
-            )
-        self.predicate = predicate
-
-    def __enter__(self) -> Cond:
-        _CONDITIONS.append(self.predicate)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        _CONDITIONS.pop()
+        return PropertyRef(self, name)
 
 
 class _Outputs:
@@ -267,7 +186,7 @@ class Component(beam.PTransform):
             if name not in self.inputs and not spec.optional:
                 raise PipelineDefinitionError(f"{self.id}: input {name!r} ({spec.type.name}) is required")
         self.params: dict[str, Any] = dict(params or {})
-        self.conditions: list[Predicate] = list(_CONDITIONS)  # the Conds this component was defined in
+        self.conditions: list[Predicate] = active_conditions()  # the Conds this component was defined in
         self.enable_cache: bool | None = None
         self.outputs = _Outputs({n: Channel(self, n, t) for n, t in self.OUTPUTS.items()})
         self._ctx: ComponentContext | None = None

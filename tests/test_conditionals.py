@@ -7,7 +7,7 @@ import os
 import pytest
 from ml_metadata.proto import metadata_store_pb2 as mlmd_pb2
 
-from beam_pipeline.dsl import Cond
+from beam_pipeline.conditions import Cond
 from beam_pipeline.errors import PipelineDefinitionError
 from tests.helpers import run_components, store_at
 from tests.test_trainer import taxi_trainer_components
