@@ -23,10 +23,11 @@ $(STAMP): $(PY) setup.py requirements.txt constraints.txt
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=3 $(VENV)/bin/beam-pipeline run examples/chicago_taxi/pipeline.py --pipeline-root pipelines/chicago_taxi
 
-# Two workers (pytest-xdist), each test module on one of them so its fixtures are built once
-# (tests/conftest.py groups them); TEST_WORKERS=0 runs in this process.
+# Two workers (pytest-xdist), each test file whole on one of them, so its module fixtures are built
+# once (--dist loadgroup with a group per file handed the tests out one by one here, building every
+# module fixture on both workers); TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test: $(STAMP)
 	$(PYTEST) tests

@@ -13,20 +13,6 @@ os.environ.setdefault("BEAM_PIPELINE_CACHE_DIR", tempfile.mkdtemp(prefix="bp-tes
 
 import pytest
 
-
-def pytest_collection_modifyitems(config, items):
-    """Groups for pytest-xdist's `--dist loadgroup` (the Makefile's): a test module runs on one worker,
-    so its module fixtures are built once; the modules sharing the session's `model_store` run on
-    one worker together, which builds it once."""
-    by_module: dict[str, list] = {}
-    for item in items:
-        by_module.setdefault(item.nodeid.split("::")[0], []).append(item)
-    for module, module_items in by_module.items():
-        shares_store = any("model_store" in item.fixturenames for item in module_items)
-        for item in module_items:
-            item.add_marker(pytest.mark.xdist_group("model_store" if shares_store else module))
-
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAXI_CSV = os.path.join(ROOT, "examples", "chicago_taxi", "data", "data.csv")
 PENGUIN_CSV = os.path.join(ROOT, "tests", "data", "penguins_processed.csv")
