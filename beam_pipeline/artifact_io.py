@@ -305,10 +305,15 @@ def _load_split_protos(filename: str, message_path: str):
     return load
 
 
-def _load_schema(p: beam.Pipeline, artifact: Artifact, label: str):
+def read_schema(artifact: Artifact) -> Any:
+    """The Schema proto of a Schema artifact."""
     from tensorflow_metadata.proto.v0 import schema_pb2
 
-    return p | f"{label}.Read" >> beam.Create([read_proto(join(artifact.uri, SCHEMA_FILE), schema_pb2.Schema)])
+    return read_proto(join(artifact.uri, SCHEMA_FILE), schema_pb2.Schema)
+
+
+def _load_schema(p: beam.Pipeline, artifact: Artifact, label: str):
+    return p | f"{label}.Read" >> beam.Create([read_schema(artifact)])
 
 
 # How a cached artifact of each data type is put back into the graph. File-only types need no loader:

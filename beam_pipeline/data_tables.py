@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from beam_pipeline import artifact_io
+from beam_pipeline.artifact_io import read_schema as read_schema  # re-exported: the queries API names it here
 from beam_pipeline.artifacts import Artifact
 
 
@@ -22,12 +23,6 @@ def read_statistics(artifact: Artifact) -> dict[str, Any]:
         )
         for split in artifact.split_names
     }
-
-
-def read_schema(artifact: Artifact) -> Any:
-    from tensorflow_metadata.proto.v0 import schema_pb2
-
-    return artifact_io.read_proto(artifact_io.join(artifact.uri, artifact_io.SCHEMA_FILE), schema_pb2.Schema)
 
 
 def read_anomalies(artifact: Artifact) -> dict[str, Any]:

@@ -64,13 +64,7 @@ def _artifact_type(atype: Any) -> ArtifactType:
 # Outputs whose in-graph value consumers need: read back from the committed files. Examples, statistics
 # and anomalies are per split, which a function cannot declare before it runs: bulk work over
 # RecordBatches is `ExamplesComponent`'s.
-def _read_schema(artifact: Artifact) -> Any:
-    from tensorflow_metadata.proto.v0 import schema_pb2
-
-    return artifact_io.read_proto(artifact_io.join(artifact.uri, artifact_io.SCHEMA_FILE), schema_pb2.Schema)
-
-
-_READ_BACK = {SCHEMA.name: _read_schema}
+_READ_BACK = {SCHEMA.name: artifact_io.read_schema}
 
 
 def component(fn: Callable[..., Any]) -> type[Component]:
