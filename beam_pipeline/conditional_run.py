@@ -78,7 +78,9 @@ def run_in_phases(
             run_id=done.run_id,
             settled=settled,
         )
-        done = _merged(launcher.execute(second, on_update=on_update), done)
+        started_ms = done.start_ms
+        done = launcher.execute(second, on_update=on_update)
+        done.start_ms = started_ms  # the run began with the first job
     _record_skipped(pipeline, store, done, skipped, compiled.contexts)
     if on_update:
         on_update(done)
@@ -103,11 +105,6 @@ def _subset(pipeline: Pipeline, components: list[Component]) -> Pipeline:
         enable_cache=pipeline.enable_cache,
         beam_pipeline_args=pipeline.beam_pipeline_args,
     )
-
-
-def _merged(later: launcher.RunResult, earlier: launcher.RunResult) -> launcher.RunResult:
-    later.start_ms = earlier.start_ms
-    return later
 
 
 def _record_skipped(pipeline, store: MetadataStore, result: launcher.RunResult, skipped: dict[str, str], contexts):

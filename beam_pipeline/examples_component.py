@@ -19,7 +19,7 @@ engineer features in Transform. The module's content and the params are part of 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -70,6 +70,7 @@ class ExamplesComponent(Component):
     def expand(self, inputs: dict[str, Any]) -> dict[str, Any]:
         factory = self._factory(self.ctx.module_file("module_file", self.params["module_file"]))
         uri = self.ctx.output_uri("examples")
+        expected = self.ctx.input_static["examples"].get("arrow_schema")
         outputs, counts = {}, []
         for split, batches in inputs["examples"].items():
             transform = factory(**self.params["params"])
@@ -78,7 +79,6 @@ class ExamplesComponent(Component):
                     f"{self.id}: {self.params['transform']}() in {self.params['module_file']} returned "
                     f"{type(transform).__name__}, expected a beam.PTransform over RecordBatches"
                 )
-            expected = self.ctx.input_static["examples"].get("arrow_schema")
             out = (
                 batches
                 | f"{split}.Apply" >> transform
@@ -114,9 +114,6 @@ class ExamplesComponent(Component):
             ),
         )
         return {"examples": outputs}
-
-    def splits_read(self, name: str, splits: Sequence[str]) -> list[str]:
-        return list(splits)
 
 
 def _checked(batch: Any, component_id: str, split: str, expected: pa.Schema | None) -> pa.RecordBatch:

@@ -34,7 +34,7 @@ def plan(pipeline, store, use_cache, run_id, contexts, result, start_ms, plans: 
         plan.modules = caching.module_digests(c)
         plan.staged_modules = staging.stage_modules(pipeline.root, c)
         plans[c.id] = plan
-        inputs = input_artifacts(c, plans)
+        inputs = input_artifacts(present, plans)
         plan.external = c.external_fingerprint(inputs)
         cache_on = use_cache if c.enable_cache is None else c.enable_cache
         if cache_on and inputs is not None and not c.always_run():
@@ -111,10 +111,11 @@ def _static_of(artifact: Artifact) -> dict[str, Any]:
     return static
 
 
-def input_artifacts(component, plans) -> dict[str, list[Artifact]] | None:
-    """Input artifacts when all are already known (their producers were cached), else None."""
+def input_artifacts(present: dict[str, Any], plans) -> dict[str, list[Artifact]] | None:
+    """The artifacts of a component's present inputs (`present_inputs`) when all are already known
+    (their producers were cached), else None."""
     inputs = {}
-    for name, ch in present_inputs(component, plans).items():
+    for name, ch in present.items():
         producer = plans[ch.producer.id]
         if not producer.cached:
             return None

@@ -143,21 +143,19 @@ class BulkInferrer(Component):
         ctx = self.ctx
         model_path = artifact_io.join(ctx.input_uris["model"], SERVING_MODEL_DIR)
         uri = ctx.output_uri("inference_result")
-        gates = [beam.pvalue.AsSingleton(ctx.committed_inputs["model"])]
-        blessing = ctx.committed_inputs.get("model_blessing") if "model_blessing" in inputs else None
-        if blessing is not None:
-            gates.append(beam.pvalue.AsSingleton(blessing))
+        gates = {"model": beam.pvalue.AsSingleton(ctx.committed_inputs["model"])}
+        if "model_blessing" in inputs:
+            gates["blessing"] = beam.pvalue.AsSingleton(ctx.committed_inputs["model_blessing"])
         written = []
         splits = sorted(inputs["examples"])
         for split in splits:
-            admitted = inputs["examples"][split] | f"{split}.IfBlessed" >> beam.FlatMap(_if_blessed, *gates)
+            admitted = inputs["examples"][split] | f"{split}.IfBlessed" >> beam.FlatMap(_if_blessed, **gates)
             scored = admitted | f"{split}.Predict" >> PredictBatches(model_path, signature=self.params["signature"])
             prefix = artifact_io.join(uri, f"Split-{split}", "part")
             written.append(scored | f"{split}.Write" >> artifact_io.WriteBatchesToParquet(prefix))
+        files = written | "AllWritten" >> beam.Flatten()
         start = ctx.committed_inputs["model"].pipeline | "Start" >> beam.Create([None])
-        properties = start | "Properties" >> beam.Map(
-            _properties, splits, *gates, *[beam.pvalue.AsList(w) for w in written]
-        )
+        properties = start | "Properties" >> beam.Map(_properties, splits, beam.pvalue.AsList(files), **gates)
         ctx.publish("inference_result", properties)
         return {}
 
@@ -170,8 +168,10 @@ def _blessed(blessing: Artifact) -> bool:
     return int(blessing.properties.get("blessed", 0)) == 1
 
 
-def _properties(_: None, splits: list[str], model: Artifact, *rest: Any) -> dict[str, Any]:
-    blessing = rest[0] if rest and isinstance(rest[0], Artifact) else None
+def _properties(
+    _: None, splits: list[str], _written: list[str], model: Artifact, blessing: Artifact | None = None
+) -> dict[str, Any]:
+    """Once every split's files are written (`_written` only orders this after them)."""
     if blessing is not None and not _blessed(blessing):
         why = blessing.properties.get("blessing_message") or "the blessing says blessed=0"
         return {"skipped": 1, "skip_reason": f"model {model.uri} is not blessed: {why}", "model_uri": model.uri,
