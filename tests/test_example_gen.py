@@ -12,7 +12,11 @@ import pytest
 from beam_pipeline import artifact_io, fingerprints
 from beam_pipeline.errors import InputDataError, PipelineDefinitionError
 from tests.helpers import executions_by_state, run_components, store_at
-from transforms import _example_io as io_
+from transforms._arrow_layout import to_list_batch
+from transforms._csv_blocks import byte_ranges, parse_csv_block
+from transforms._csv_scan import infer_csv_types, scan_csv
+from transforms._input_files import csv_header, match_files
+from transforms._split_hash import assign_splits, row_hashes
 from transforms.example_gen import ExampleGen
 from transforms.statistics_gen import StatisticsGen
 
@@ -37,7 +41,7 @@ def _rows(n: int, start: int = 0) -> str:
 
 
 def _flat(path):
-    return io_.infer_csv_types([path])
+    return infer_csv_types([path])
 
 
 # -- parsing, no pipeline -------------------------------------------------------------------------
@@ -52,18 +56,18 @@ def test_types_are_inferred_from_start_middle_and_end(tmp_path):
 
 def test_column_types_override(tmp_path):
     path = _write(tmp_path / "d.csv", HEADER + _rows(10))
-    schema = io_.infer_csv_types([path], {"a": "string"})
+    schema = infer_csv_types([path], {"a": "string"})
     assert schema.field("a").type == pa.string()
     with pytest.raises(InputDataError, match=r"column_types\['a'\] = 'decimal'"):
-        io_.infer_csv_types([path], {"a": "decimal"})
+        infer_csv_types([path], {"a": "decimal"})
 
 
 def test_byte_ranges_cover_every_row_exactly_once(tmp_path):
     path = _write(tmp_path / "d.csv", HEADER + _rows(5000))
     schema = _flat(path)
     total = []
-    for _, start, end in io_.byte_ranges(path, 997):
-        table, bad = io_.parse_csv_block(path, start, end, schema, "error")
+    for _, start, end in byte_ranges(path, 997):
+        table, bad = parse_csv_block(path, start, end, schema, "error")
         assert not bad
         total.extend(table.column("a").to_pylist())
     assert total == list(range(5000))
@@ -71,7 +75,7 @@ def test_byte_ranges_cover_every_row_exactly_once(tmp_path):
 
 def test_list_layout_keeps_missing_values_as_null_lists():
     table = pa.table({"x": pa.array([1.0, None, 3.0]), "s": pa.array(["a", None, "c"])})
-    batch = io_.to_list_batch(table)
+    batch = to_list_batch(table)
     assert batch.schema.field("x").type == pa.large_list(pa.float32())
     assert batch.schema.field("s").type == pa.large_list(pa.large_binary())
     assert batch.column(0).to_pylist() == [[1.0], None, [3.0]]
@@ -80,14 +84,14 @@ def test_list_layout_keeps_missing_values_as_null_lists():
 
 def test_split_assignment_is_a_function_of_the_row(tmp_path):
     table = pv.read_csv(pa.BufferReader((HEADER + _rows(3000)).encode()))
-    splits = io_.assign_splits(io_.row_hashes(table), {"train": 2, "eval": 1})
+    splits = assign_splits(row_hashes(table), {"train": 2, "eval": 1})
     by_row = {}
     for name, rows in splits.items():
         for r in rows:
             by_row[r] = name
     # The same rows in another order and another block get the same splits.
     shuffled = table.take(pa.array(list(range(2999, -1, -1))))
-    again = io_.assign_splits(io_.row_hashes(shuffled), {"train": 2, "eval": 1})
+    again = assign_splits(row_hashes(shuffled), {"train": 2, "eval": 1})
     for name, rows in again.items():
         for r in rows:
             assert by_row[2999 - r] == name
@@ -96,10 +100,10 @@ def test_split_assignment_is_a_function_of_the_row(tmp_path):
 
 # -- bad input, each naming file, line and expectation ---------------------------------------------
 def _parse_all(path, on_bad="error", block=1 << 20):
-    schema = _flat(path) if on_bad == "error" else io_.infer_csv_types([path])
+    schema = _flat(path) if on_bad == "error" else infer_csv_types([path])
     tables, bad = [], []
-    for _, s, e in io_.byte_ranges(path, block):
-        t, b = io_.parse_csv_block(path, s, e, schema, on_bad)
+    for _, s, e in byte_ranges(path, block):
+        t, b = parse_csv_block(path, s, e, schema, on_bad)
         tables.append(t)
         bad.extend(b)
     return tables, bad
@@ -107,16 +111,16 @@ def _parse_all(path, on_bad="error", block=1 << 20):
 
 def test_missing_input_path(tmp_path):
     with pytest.raises(InputDataError, match=r"input path '.*nope\*\.csv' matches no file"):
-        io_.match_files([str(tmp_path / "nope*.csv")])
+        match_files([str(tmp_path / "nope*.csv")])
 
 
 def test_empty_file_and_header_only(tmp_path):
     empty = _write(tmp_path / "empty.csv", "")
     with pytest.raises(InputDataError, match=r"empty\.csv: file is empty; expected a CSV header"):
-        io_.csv_header(empty)
+        csv_header(empty)
     header_only = _write(tmp_path / "h.csv", HEADER)
     with pytest.raises(InputDataError, match=r"h\.csv: has a header line but no data rows"):
-        io_.csv_header(header_only)
+        csv_header(header_only)
 
 
 def test_wrong_number_of_columns_names_file_and_line(tmp_path):
@@ -134,23 +138,23 @@ def test_unterminated_quote_names_file_and_line(tmp_path):
 def test_non_numeric_value_names_column_and_expected_type(tmp_path):
     path = _write(tmp_path / "d.csv", HEADER + _rows(50) + "oops,1.0,x\n")
     # Types come from samples; force `a` numeric as it would be in a large file.
-    schema = io_.infer_csv_types([path], {"a": "int"})
+    schema = infer_csv_types([path], {"a": "int"})
     with pytest.raises(InputDataError, match=r"d\.csv:52: column 'a': expected an integer \(int64\), got 'oops'"):
-        io_.parse_csv_block(path, 0, os.path.getsize(path), schema, "error")
+        parse_csv_block(path, 0, os.path.getsize(path), schema, "error")
 
 
 def test_file_whose_columns_differ(tmp_path):
     a = _write(tmp_path / "a.csv", HEADER + _rows(3))
     b = _write(tmp_path / "b.csv", "a,b,d\n" + _rows(3))
     with pytest.raises(InputDataError, match=r"b\.csv: columns differ from .*a\.csv.*extra \['d'\].*missing \['c'\]"):
-        io_.infer_csv_types([a, b])
+        infer_csv_types([a, b])
 
 
 def test_skip_mode_drops_counts_and_reports_bad_lines(tmp_path):
     text = HEADER + _rows(10) + "1,2\n" + '3,4.0,"x\n' + _rows(10, 10) + "nan?,1,z\n"
     path = _write(tmp_path / "d.csv", text)
-    schema = io_.infer_csv_types([path], {"a": "int"})
-    table, bad = io_.parse_csv_block(path, 0, os.path.getsize(path), schema, "skip")
+    schema = infer_csv_types([path], {"a": "int"})
+    table, bad = parse_csv_block(path, 0, os.path.getsize(path), schema, "skip")
     assert table.column("a").to_pylist() == list(range(20))
     assert [(b.line, b.reason.split(":")[0]) for b in bad] == [
         (12, "expected 3 columns, got 2"),
@@ -234,7 +238,7 @@ def test_parquet_and_tfrecord_inputs_give_the_same_rows(tmp_path, taxi_small_csv
 
 def test_partition_feature_keeps_each_value_in_one_split():
     table = pa.table({"user": pa.array([f"u{i % 40}" for i in range(4000)]), "x": pa.array(range(4000))})
-    splits = io_.assign_splits(io_.row_hashes(table, ["user"]), {"train": 3, "eval": 1})
+    splits = assign_splits(row_hashes(table, ["user"]), {"train": 3, "eval": 1})
     users = {name: set(table.column("user").take(pa.array(rows)).to_pylist()) for name, rows in splits.items()}
     assert users["train"] and users["eval"] and not users["train"] & users["eval"]
     assert len(users["train"]) + len(users["eval"]) == 40
@@ -245,7 +249,7 @@ def test_a_value_outside_any_sample_widens_the_column_and_is_noted(tmp_path):
     # 1.2 MB: a sample of start, middle and end would miss rows 30,000-30,001.
     text = HEADER + _rows(30000) + "7.5,1,x\n" + "8,2,y\n" + _rows(30000, 30000)
     path = _write(tmp_path / "d.csv", text)
-    scan = io_.scan_csv([path])
+    scan = scan_csv([path])
     assert scan.schema.field("a").type == pa.float64()
     assert scan.schema.field("c").type == pa.string()
     [note] = scan.notes
@@ -254,7 +258,7 @@ def test_a_value_outside_any_sample_widens_the_column_and_is_noted(tmp_path):
 
 def test_an_int_column_with_a_word_in_its_last_row_becomes_string(tmp_path):
     path = _write(tmp_path / "d.csv", HEADER + _rows(50000) + "late,1.0,x\n")
-    scan = io_.scan_csv([path])
+    scan = scan_csv([path])
     assert scan.schema.field("a").type == pa.string()
     assert "column 'a' read as string" in scan.notes[0] and "'late', not an integer" in scan.notes[0]
     tables, bad = _parse_all(path, "skip", block=1 << 16)
@@ -274,9 +278,9 @@ def test_inferred_types_agree_with_the_csv_reader_on_edge_values(tmp_path):
         (["", '""'], pa.string()),
     ]:
         path = _write(tmp_path / "e.csv", "v,w\n" + "".join(f"{v},x\n" for v in values))
-        schema = io_.infer_csv_types([path])
+        schema = infer_csv_types([path])
         assert schema.field("v").type == expected, values
-        table, bad = io_.parse_csv_block(path, 0, os.path.getsize(path), schema, "error")
+        table, bad = parse_csv_block(path, 0, os.path.getsize(path), schema, "error")
         assert not bad and table.num_rows == len(values)
 
 
@@ -310,7 +314,7 @@ def test_skip_mode_parses_a_block_a_fixed_number_of_times_however_many_rows_are_
     for n_bad in (10, 10000):
         path = _write(tmp_path / f"bad{n_bad}.csv", _interleaved(20000, n_bad))
         calls = _count_parses(monkeypatch)
-        table, bad = io_.parse_csv_block(path, 0, os.path.getsize(path), schema, "skip")
+        table, bad = parse_csv_block(path, 0, os.path.getsize(path), schema, "skip")
         parses[n_bad] = len(calls)
         monkeypatch.undo()
         assert len(bad) == n_bad
@@ -340,8 +344,8 @@ def test_line_numbers_count_empty_lines_and_quoted_newlines(tmp_path):
     path = _write(tmp_path / "d.csv", text)
     schema = pa.schema([("a", pa.int64()), ("b", pa.float64()), ("c", pa.string())])
     with pytest.raises(InputDataError, match=r"d\.csv:6: expected 3 columns, got 1: '3'"):
-        io_.parse_csv_block(path, 0, os.path.getsize(path), schema, "error")
-    table, bad = io_.parse_csv_block(path, 0, os.path.getsize(path), schema, "skip")
+        parse_csv_block(path, 0, os.path.getsize(path), schema, "error")
+    table, bad = parse_csv_block(path, 0, os.path.getsize(path), schema, "skip")
     assert table.column("a").to_pylist() == [1, 2, 4, 6]
     assert table.column("c").to_pylist() == ["x", "two\nlines", "y", "w"]
     assert [(b.line, b.reason) for b in bad] == [
@@ -368,7 +372,7 @@ def test_compressed_csv_gives_the_same_examples_as_the_plain_file(tmp_path, taxi
     with gzip.open(tmp_path / "data.csv.gz", "wb") as f:
         f.write(raw)
     (tmp_path / "data.csv.bz2").write_bytes(bz2.compress(raw))
-    assert io_.byte_ranges(str(tmp_path / "data.csv.gz"), 4096) == [
+    assert byte_ranges(str(tmp_path / "data.csv.gz"), 4096) == [
         (str(tmp_path / "data.csv.gz"), 0, os.path.getsize(tmp_path / "data.csv.gz"))
     ]
     gens = [
@@ -418,14 +422,14 @@ def test_a_filesystem_error_while_listing_names_the_pattern_and_is_not_no_match(
     with pytest.raises(
         InputDataError, match=r"input path 'gs://bucket/data/\*\.csv' cannot be listed \(PermissionError"
     ):
-        io_.match_files([pattern])
+        match_files([pattern])
 
     def missing(patterns, limits=None):
         raise BeamIOError("Match operation failed", {patterns[0]: FileNotFoundError(2, "No such file")})
 
     monkeypatch.setattr(FileSystems, "match", staticmethod(missing))
     with pytest.raises(InputDataError, match=r"input path 'gs://bucket/data/\*\.csv' matches no file"):
-        io_.match_files([pattern])
+        match_files([pattern])
 
 
 # -- nothing memoized across runs ------------------------------------------------------------------------
@@ -447,7 +451,7 @@ def test_running_the_same_pipeline_object_again_sees_a_new_input_file(tmp_path):
 def test_a_stray_quote_does_not_stop_the_type_scan(tmp_path):
     # Arrow's streaming reader folds everything after the quote into one field; the float after it counts.
     path = _write(tmp_path / "d.csv", HEADER + _rows(200) + '7,1.0,"open\n' + _rows(200, 200) + "9.5,1,z\n")
-    assert io_.infer_csv_types([path]).types == [pa.float64(), pa.float64(), pa.string()]
+    assert infer_csv_types([path]).types == [pa.float64(), pa.float64(), pa.string()]
     tables, bad = _parse_all(path, "skip")
     assert [b.line for b in bad] == [202]
     assert sum(t.num_rows for t in tables) == 401

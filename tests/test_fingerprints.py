@@ -14,7 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipeline import Pipeline, artifact_io, fingerprints, launcher, remote_fs
 from beam_pipeline.artifacts import COMMIT_MARKER
-from transforms import _example_io as io_
+from transforms._input_files import SAMPLE_BYTES, match_metadata
 from transforms.example_gen import ExampleGen
 from transforms.statistics_gen import StatisticsGen
 
@@ -232,7 +232,7 @@ def test_column_types_for_every_column_read_only_the_header(tmp_path, monkeypatc
     static = gen.static_outputs({})["examples"]
     assert static["flat_schema"].types == [pa.int64(), pa.float64(), pa.string()]
     # One pass to fingerprint the file (the memo has not seen it), and the header: no scan.
-    assert reads.of(str(path)) <= size + io_.SAMPLE_BYTES < 2 * size
+    assert reads.of(str(path)) <= size + SAMPLE_BYTES < 2 * size
 
 
 # -- S3 ------------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_a_file_on_s3_is_fingerprinted_from_its_checksum_without_a_download(s3_s
     _put(s3_server, path, b"a" * 5000)
     gets = _S3Gets(monkeypatch)
     first = fingerprints.file_fingerprint(path)
-    [found] = io_.match_metadata([path])
+    [found] = match_metadata([path])
     assert fingerprints.file_fingerprints([found]) == {path: first}
     _put(s3_server, path, b"a" * 5000)  # the same bytes again: the same fingerprint
     assert fingerprints.file_fingerprint(path) == first

@@ -131,7 +131,7 @@ class Evaluator(Component):
         baseline_uri = ctx.input_uris.get("baseline_model") if "baseline_model" in inputs else None
         if baseline_uri is None and ctx.resolved.get("baseline_model") is not None:
             baseline_uri = ctx.resolved["baseline_model"].uri
-        batches, evaluated_on = self._eval_batches(inputs, model_committed.pipeline)
+        batches, evaluated_on = self._eval_batches(inputs)
         evaluation_uri = ctx.output_uri("evaluation")
         files_written = (
             batches
@@ -160,7 +160,7 @@ class Evaluator(Component):
         ctx.publish("blessing", blessing)
         return {}
 
-    def _eval_batches(self, inputs: dict[str, Any], pipeline: beam.Pipeline) -> tuple[beam.PCollection, str]:
+    def _eval_batches(self, inputs: dict[str, Any]) -> tuple[beam.PCollection, str]:
         """The RecordBatches to evaluate (cast to the schema's types when given) and where they come from."""
         split = self.params["example_split"]
         splits = inputs["examples"]
