@@ -126,3 +126,22 @@ def test_bad_span_configurations_are_refused_naming_what_is_wrong(tmp_path):
         ExampleGen(input_base="d/v-{VERSION}/*.csv")
     with pytest.raises(PipelineDefinitionError, match="expected at least one span"):
         RangeConfig.rolling(0)
+
+
+def test_a_rolling_window_until_a_day_reads_that_day_and_the_days_before_it(tmp_path):
+    """What a scheduled run of one logical date reads (a backfill of day 2 must not read day 3)."""
+    _write_spans(tmp_path, rows_per_span=20, layout="2026-12-0{day}/data.csv")
+    pattern = str(tmp_path / "{YYYY}-{MM}-{DD}" / "*.csv")
+    files, spans = select(pattern, RangeConfig.rolling(2, until="2026-12-02"))
+    assert spans.spans == [20788, 20789]
+    assert [os.path.basename(os.path.dirname(m.path)) for m in files] == ["2026-12-01", "2026-12-02"]
+    _, spans = select(pattern, RangeConfig.rolling(5, until="2026-12-01"))
+    assert spans.spans == [20788]
+    with pytest.raises(
+        InputDataError, match=r"span 20795 \(2026-12-08\) has no files; spans found: \[20788, 20789, 20790\]"
+    ):
+        select(pattern, RangeConfig.rolling(2, until="2026-12-08"))
+    with pytest.raises(PipelineDefinitionError, match="expected a span number or a YYYY-MM-DD date"):
+        RangeConfig.rolling(2, until="yesterday")
+    assert RangeConfig.rolling(1, until="7").until == 7
+    assert RangeConfig.rolling(1, until="2026-12-02T00:00:00Z").until == 20789

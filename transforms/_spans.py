@@ -29,6 +29,7 @@ class RangeConfig:
     start: int | None = None
     end: int | None = None
     num_spans: int = 1
+    until: int | None = None
 
     @classmethod
     def latest(cls) -> RangeConfig:
@@ -42,11 +43,31 @@ class RangeConfig:
         return cls("static", start, end)
 
     @classmethod
-    def rolling(cls, num_spans: int) -> RangeConfig:
-        """The newest `num_spans` spans that exist."""
+    def rolling(cls, num_spans: int, until: int | str | None = None) -> RangeConfig:
+        """The newest `num_spans` spans that exist, up to span `until` (a span or a YYYY-MM-DD date) if given.
+
+        `until` is how a scheduled run reads the window of its own day, e.g. Airflow's `{{ ds }}`,
+        so a backfill of an old day does not read the days after it. That span itself must exist.
+        """
         if num_spans < 1:
             raise PipelineDefinitionError(f"RangeConfig.rolling({num_spans}): expected at least one span")
-        return cls("rolling", num_spans=num_spans)
+        return cls("rolling", num_spans=num_spans, until=None if until is None else span_of(until))
+
+
+def span_of(span_or_date: int | str) -> int:
+    """A span number, from itself or from a YYYY-MM-DD date (TFX's span of a date: days since 1970-01-01).
+
+    A timestamp's date counts (`2026-12-01T00:00:00Z`, what Kubeflow's schedule time gives).
+    """
+    if isinstance(span_or_date, int):
+        return span_or_date
+    try:
+        day = datetime.date.fromisoformat(span_or_date[:10] if span_or_date[10:11] in ("T", " ") else span_or_date)
+    except ValueError:
+        if span_or_date.isdigit():
+            return int(span_or_date)
+        raise PipelineDefinitionError(f"span {span_or_date!r}: expected a span number or a YYYY-MM-DD date") from None
+    return (day - _EPOCH).days
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +125,12 @@ def select(pattern: str, config: RangeConfig) -> tuple[list[FileMetadata], Spans
         if missing:
             raise InputDataError(f"input pattern {pattern!r}: spans {missing} have no files; spans found: {present}")
     elif config.kind == "rolling":
-        wanted = present[-config.num_spans :]
+        if config.until is not None and config.until not in by_span:
+            day = f" ({_EPOCH + datetime.timedelta(days=config.until)})" if DATE_PARTS[0] in pattern else ""
+            raise InputDataError(
+                f"input pattern {pattern!r}: span {config.until}{day} has no files; spans found: {present}"
+            )
+        wanted = [s for s in present if config.until is None or s <= config.until][-config.num_spans :]
     else:
         wanted = present[-1:]
     versions = {s: max(by_span[s], key=lambda v: -1 if v is None else v) for s in wanted}
@@ -143,4 +169,4 @@ def _span_of(found: re.Match, path: str) -> int:
         day = datetime.date(int(groups["year"]), int(groups["month"]), int(groups["day"]))
     except ValueError as e:
         raise InputDataError(f"{path}: the date in its path is not a date ({e})") from None
-    return (day - _EPOCH).days  # TFX's span of a date: days since 1970-01-01
+    return (day - _EPOCH).days
