@@ -17,33 +17,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import click
 
 from beam_pipeline.dsl import Pipeline
-from beam_pipeline.errors import BeamPipelineError, PipelineDefinitionError
+from beam_pipeline.errors import BeamPipelineError
+from beam_pipeline.pipeline_file import load_pipeline
 
 # TFMA's precision/recall curves divide by empty threshold buckets on purpose (numpy gives inf/nan
 # and TFMA handles it); only these messages, only from TFMA, so the pipeline's own warnings still show.
 TFMA_NUMPY_NOISE = ("invalid value encountered in divide", "divide by zero encountered in divide")
 
 
-def load_pipeline(path: str, pipeline_root: str | None = None) -> Pipeline:
-    """Import a pipeline file and return its pipeline: `create_pipeline()` or a module-level `PIPELINE`."""
-    if not os.path.isfile(path):
-        raise PipelineDefinitionError(f"pipeline file {path!r} does not exist")
-    directory = os.path.dirname(os.path.abspath(path))
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
-    spec = importlib.util.spec_from_file_location("_beam_pipeline_user_pipeline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if hasattr(module, "create_pipeline"):
-        kwargs = {"pipeline_root": pipeline_root} if pipeline_root else {}
-        pipeline = module.create_pipeline(**kwargs)
-    elif hasattr(module, "PIPELINE"):
-        pipeline = module.PIPELINE
-    else:
-        raise PipelineDefinitionError(f"{path}: define create_pipeline() returning a Pipeline, or a PIPELINE variable")
-    if not isinstance(pipeline, Pipeline):
-        raise PipelineDefinitionError(f"{path}: create_pipeline() returned {type(pipeline).__name__}, not a Pipeline")
-    return pipeline
+def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
+    """`KEY=VALUE` pairs from the command line as a dict; a pair without `=` is refused."""
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{pair!r}: expected NAME=VALUE", param_hint="--param")
+        params[name] = value
+    return params
 
 
 def _quiet_libraries() -> None:
@@ -98,6 +88,13 @@ def main() -> None:
     "(default: <root>/metadata.sqlite; required when the root is on an object store).",
 )
 @click.option("--no-cache", is_flag=True, help="Run every component even if a cached execution matches.")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="An argument of the file's create_pipeline(), e.g. --param date=2026-12-01 (repeatable).",
+)
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -106,6 +103,7 @@ def run(
     pipeline_root: str | None,
     metadata_uri: str | None,
     no_cache: bool,
+    params: tuple[str, ...],
 ) -> None:
     """Run PIPELINE_FILE as one Beam job and record it in ML Metadata."""
     _quiet_libraries()
@@ -113,7 +111,7 @@ def run(
     from runners import options as runner_options
 
     try:
-        pipeline = load_pipeline(pipeline_file, pipeline_root)
+        pipeline = load_pipeline(pipeline_file, pipeline_root, parse_params(params))
         store_uri = launcher.metadata_uri_for(pipeline, metadata_uri)  # refused before anything runs
     except BeamPipelineError as e:
         click.echo(f"error: {e}", err=True)
@@ -179,7 +177,11 @@ def _write_report(pipeline: Pipeline, metadata_uri: Any, run_id: str | None) -> 
 
 def _register_optional_commands() -> None:
     """Subcommands that live in their own modules (serving, metadata queries) join the group here."""
-    for module_name, attr in (("beam_pipeline.serving.cli", "serve"), ("beam_pipeline.inspect_cli", "commands")):
+    for module_name, attr in (
+        ("beam_pipeline.serving.cli", "serve"),
+        ("beam_pipeline.inspect_cli", "commands"),
+        ("beam_pipeline.export_cli", "commands"),
+    ):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
