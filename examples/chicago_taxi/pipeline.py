@@ -12,7 +12,7 @@ import os
 
 from beam_pipeline import Pipeline
 from transforms.evaluator import Evaluator, binary_classification_eval_config
-from transforms.example_gen import ExampleGen
+from transforms.example_gen import ExampleGen, RangeConfig
 from transforms.example_validator import ExampleValidator
 from transforms.pusher import Pusher
 from transforms.schema_gen import SchemaGen
@@ -31,8 +31,11 @@ def create_pipeline(
     train_steps: int = int(os.environ.get("TAXI_TRAIN_STEPS", "1000")),
     serving_model_dir: str | None = os.environ.get("SERVING_MODEL_DIR"),
     module_file: str = MODULE_FILE,
+    range_config: RangeConfig | None = None,
+    name: str = "chicago_taxi",
+    warm_start: bool = False,
 ) -> Pipeline:
-    example_gen = ExampleGen(input_base=data_path)
+    example_gen = ExampleGen(input_base=data_path, range_config=range_config)
     statistics_gen = StatisticsGen(examples=example_gen.outputs.examples)
     schema_gen = SchemaGen(statistics=statistics_gen.outputs.statistics)
     example_validator = ExampleValidator(
@@ -52,6 +55,7 @@ def create_pipeline(
         module_file=module_file,
         train_steps=train_steps,
         eval_steps=100,
+        warm_start=warm_start,
     )
     evaluator = Evaluator(
         examples=example_gen.outputs.examples,
@@ -69,7 +73,7 @@ def create_pipeline(
         serving_model_dir=serving_model_dir or os.path.join(pipeline_root, "serving_model"),
     )
     return Pipeline(
-        "chicago_taxi",
+        name,
         pipeline_root,
         [example_gen, statistics_gen, schema_gen, example_validator, transform, trainer, evaluator, pusher],
     )
