@@ -1,4 +1,4 @@
-"""ExampleValidator: check each split's statistics against the schema, plus drift between datasets."""
+"""ExampleValidator: each split's statistics against the schema, drift between datasets, skew against serving data."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ class ValidateStatistics(beam.PTransform):
     PCollection[Schema]. `drift_comparators` maps feature → threshold (L-infinity distance for
     categorical features, Jensen-Shannon divergence for numeric ones), compared against
     `drift_baseline` (a split of the input) or, when given, `previous` (`{split: PCollection}` of
-    earlier statistics, e.g. the previous span's).
+    earlier statistics, e.g. the previous span's). `serving` (a one-element PCollection of serving
+    data's statistics) with `skew_comparators` (feature → L-infinity threshold) checks split
+    `skew_split` for training/serving skew.
     """
 
     def __init__(
@@ -37,14 +39,22 @@ class ValidateStatistics(beam.PTransform):
         drift_comparators: Mapping[str, float] | None = None,
         drift_baseline: str = "train",
         previous: Mapping[str, beam.PCollection] | None = None,
+        serving: beam.PCollection | None = None,
+        skew_comparators: Mapping[str, float] | None = None,
+        skew_split: str = "train",
     ):
         super().__init__()
+        if bool(serving is not None) != bool(skew_comparators):
+            raise PipelineDefinitionError("skew needs both serving statistics and skew_comparators")
         self._schema, self._comparators = schema, dict(drift_comparators or {})
         self._baseline, self._previous = drift_baseline, previous
+        self._serving, self._skew, self._skew_split = serving, dict(skew_comparators or {}), skew_split
 
     def expand(self, stats: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        if self._serving is not None and self._skew_split not in stats:
+            raise PipelineDefinitionError(f"skew_split {self._skew_split!r} is not a split ({sorted(stats)})")
         schema = beam.pvalue.AsSingleton(
-            self._schema | "Comparators" >> beam.Map(_with_drift_comparators, self._comparators)
+            self._schema | "Comparators" >> beam.Map(_with_comparators, self._comparators, self._skew)
         )
         drift = bool(self._comparators)
         if drift and self._previous is None and self._baseline not in stats:
@@ -60,21 +70,30 @@ class ValidateStatistics(beam.PTransform):
             elif drift and self._baseline != split:
                 baseline = stats[self._baseline]
             extra = {"previous": beam.pvalue.AsSingleton(baseline)} if baseline is not None else {}
+            if self._serving is not None and split == self._skew_split:
+                extra["serving"] = beam.pvalue.AsSingleton(self._serving)
             out[split] = split_stats | f"Validate[{split}]" >> beam.Map(_validate, schema=schema, **extra)
         return out
 
 
 class ExampleValidator(Component):
-    """Anomalies per split: missing features, valency, unexpected strings, out of domain, and drift.
+    """Anomalies per split: missing features, valency, unexpected strings, out of domain, drift and skew.
 
     `drift_comparators` maps feature → threshold (L-infinity distance for categorical features,
     Jensen-Shannon divergence for numeric ones). `drift_baseline` is a split name (each other split
     is compared to it) or "previous_run" (the latest statistics of this pipeline in ML Metadata,
-    the "previous span"). With `halt_on_anomalies` the anomalies artifact is still committed, then
-    the run fails with a readable summary.
+    the "previous span"). `serving_statistics` (a StatisticsGen over serving data, e.g. logged
+    requests read by their own ExampleGen) with `skew_comparators` (feature → L-infinity threshold)
+    flags training/serving skew of split `skew_split`; the serving artifact's split
+    `serving_split` (default: its only one) is the serving side. With `halt_on_anomalies` the
+    anomalies artifact is still committed, then the run fails with a readable summary.
     """
 
-    INPUTS = {"statistics": InputSpec(STATISTICS), "schema": InputSpec(SCHEMA)}
+    INPUTS = {
+        "statistics": InputSpec(STATISTICS),
+        "schema": InputSpec(SCHEMA),
+        "serving_statistics": InputSpec(STATISTICS, optional=True),
+    }
     OUTPUTS = {"anomalies": ANOMALIES}
 
     def __init__(
@@ -84,14 +103,26 @@ class ExampleValidator(Component):
         schema: Channel,
         drift_comparators: Mapping[str, float] | None = None,
         drift_baseline: str = "train",
+        serving_statistics: Channel | None = None,
+        skew_comparators: Mapping[str, float] | None = None,
+        skew_split: str = "train",
+        serving_split: str | None = None,
         halt_on_anomalies: bool = False,
         component_id: str | None = None,
     ):
+        """`skew_comparators` thresholds are L-infinity for categorical features, Jensen-Shannon for numeric ones."""
+        if (serving_statistics is None) != (not skew_comparators):
+            raise PipelineDefinitionError(
+                "ExampleValidator: skew needs both serving_statistics and skew_comparators ({feature: threshold})"
+            )
         super().__init__(
-            inputs={"statistics": statistics, "schema": schema},
+            inputs={"statistics": statistics, "schema": schema, "serving_statistics": serving_statistics},
             params={
                 "drift_comparators": dict(drift_comparators or {}),
                 "drift_baseline": drift_baseline,
+                "skew_comparators": dict(skew_comparators or {}),
+                "skew_split": skew_split,
+                "serving_split": serving_split,
                 "halt_on_anomalies": halt_on_anomalies,
             },
             component_id=component_id,
@@ -102,6 +133,20 @@ class ExampleValidator(Component):
             return {}
         previous = store.latest_artifacts(STATISTICS.name, pipeline_name)
         return {"previous_statistics": previous[0]} if previous else {}
+
+    def _serving_side(self, serving: Mapping[str, beam.PCollection] | None) -> beam.PCollection | None:
+        """The serving statistics' split to compare with: `serving_split`, or the artifact's only split."""
+        if serving is None:
+            return None
+        name = self.params["serving_split"]
+        if name is None and len(serving) != 1:
+            raise PipelineDefinitionError(
+                f"{self.id}: serving_statistics has splits {sorted(serving)}; say which is serving data (serving_split)"
+            )
+        name = name or next(iter(serving))
+        if name not in serving:
+            raise PipelineDefinitionError(f"{self.id}: serving_split {name!r} is not a split ({sorted(serving)})")
+        return serving[name]
 
     def expand(self, inputs):
         from tensorflow_metadata.proto.v0 import statistics_pb2
@@ -135,6 +180,9 @@ class ExampleValidator(Component):
             drift_comparators=self.params["drift_comparators"],
             drift_baseline=baseline_name,
             previous=previous,
+            serving=self._serving_side(inputs.get("serving_statistics")),
+            skew_comparators=self.params["skew_comparators"],
+            skew_split=self.params["skew_split"],
         )
         summaries = []
         for split, anomalies in out.items():
@@ -167,30 +215,35 @@ class ExampleValidator(Component):
         return {"anomalies": out}
 
 
-def _with_drift_comparators(schema, comparators: Mapping[str, float]):
+def _with_comparators(schema, drift: Mapping[str, float], skew: Mapping[str, float]):
     from tensorflow_metadata.proto.v0 import schema_pb2
 
-    if not comparators:
+    if not drift and not skew:
         return schema
     schema = schema_pb2.Schema.FromString(schema.SerializeToString())
     by_name = {f.name: f for f in schema.feature}
-    for name, threshold in comparators.items():
-        feature = by_name.get(name)
-        if feature is None:
-            raise PipelineDefinitionError(
-                f"drift comparator for {name!r}: no such feature in the schema ({sorted(by_name)})"
+    for kind, comparators in (("drift", drift), ("skew", skew)):
+        for name, threshold in comparators.items():
+            feature = by_name.get(name)
+            if feature is None:
+                raise PipelineDefinitionError(
+                    f"{kind} comparator for {name!r}: no such feature in the schema ({sorted(by_name)})"
+                )
+            comparator = feature.drift_comparator if kind == "drift" else feature.skew_comparator
+            categorical = (
+                feature.type == schema_pb2.BYTES or feature.HasField("domain") or feature.HasField("string_domain")
             )
-        if feature.type == schema_pb2.BYTES or feature.HasField("domain") or feature.HasField("string_domain"):
-            feature.drift_comparator.infinity_norm.threshold = threshold
-        else:
-            feature.drift_comparator.jensen_shannon_divergence.threshold = threshold
+            if categorical:
+                comparator.infinity_norm.threshold = threshold
+            else:
+                comparator.jensen_shannon_divergence.threshold = threshold
     return schema
 
 
-def _validate(stats, schema, previous=None):
+def _validate(stats, schema, previous=None, serving=None):
     import tensorflow_data_validation as tfdv
 
-    return tfdv.validate_statistics(stats, schema, previous_statistics=previous)
+    return tfdv.validate_statistics(stats, schema, previous_statistics=previous, serving_statistics=serving)
 
 
 def summarize(anomalies) -> list[str]:
