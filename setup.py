@@ -38,7 +38,7 @@ setup(
     extras_require={
         # `beam-pipeline export kubeflow` compiles through the kfp SDK (2.13: the newest that fits our pins).
         "kubeflow": ["kfp==2.13.0"],
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "hypothesis", "httpx", "httpx2", "moto[server]"]
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "hypothesis", "httpx", "httpx2", "moto[server]"],
     },
     entry_points={"console_scripts": ["beam-pipeline=beam_pipeline.cli:main"]},
 )
