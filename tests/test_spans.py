@@ -52,6 +52,15 @@ def _rows(result) -> int:
     return sum(result.artifact("ExampleGen", "examples").properties["row_counts"].values())
 
 
+def _split_rows(result, split: str) -> list[tuple]:
+    """The rows of an Examples split, in a stable order."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(os.path.join(result.artifact("ExampleGen", "examples").uri, f"Split-{split}"))
+    columns = table.to_pydict()
+    return sorted(zip(*(columns[name] for name in sorted(columns)), strict=True), key=repr)
+
+
 @pytest.mark.slow
 def test_daily_spans_ingested_one_by_one_then_a_rolling_window_and_a_static_range(tmp_path):
     data, root = tmp_path / "data", tmp_path / "root"
@@ -79,6 +88,13 @@ def test_daily_spans_ingested_one_by_one_then_a_rolling_window_and_a_static_rang
     props = window.artifact("ExampleGen", "examples").properties
     assert (props["span"], props["spans"]) == (3, [2, 3])
     assert _rows(window) == counts[1] + counts[2]
+    # Only the new day is parsed: span 2 is read back from the second run's Parquet, and the rows
+    # are those a run without any earlier Examples reads.
+    assert props["spans_reused_from"] == {"2": second.artifact("ExampleGen", "examples").id}
+    fresh = run_components(tmp_path / "fresh", _daily(pattern, RangeConfig.rolling(2)), name="daily")
+    assert fresh.artifact("ExampleGen", "examples").properties["spans_reused_from"] == {}
+    for split in ("train", "eval"):
+        assert _split_rows(window, split) == _split_rows(fresh, split)
 
     # Span 1 again: the same files as the first run, so everything is reused from it.
     again = run_components(root, _daily(pattern, RangeConfig.static(1, 1)), name="daily")
@@ -145,3 +161,53 @@ def test_a_rolling_window_until_a_day_reads_that_day_and_the_days_before_it(tmp_
         RangeConfig.rolling(2, until="yesterday")
     assert RangeConfig.rolling(1, until="7").until == 7
     assert RangeConfig.rolling(1, until="2026-12-02T00:00:00Z").until == 20789
+
+
+def test_a_span_read_back_takes_the_types_a_new_day_widens_and_a_changed_span_is_parsed_again(tmp_path):
+    data, root = tmp_path / "data", tmp_path / "root"
+    (data / "span-1").mkdir(parents=True)
+    (data / "span-1" / "d.csv").write_text("x,y\n" + "".join(f"{i},a{i}\n" for i in range(40)))
+    pattern = str(data / "span-{SPAN}" / "*.csv")
+
+    def run():
+        gen = ExampleGen(input_base=pattern, range_config=RangeConfig.rolling(2))
+        return run_components(root, [gen], name="widen").artifact("ExampleGen", "examples")
+
+    first = run()
+    (data / "span-2").mkdir()
+    (data / "span-2" / "d.csv").write_text("x,y\n" + "".join(f"{i}.5,b{i}\n" for i in range(40)))
+    window = run()
+    assert window.properties["spans_reused_from"] == {"1": first.id}
+    assert window.properties["column_type_notes"] == [
+        "column 'x' read as float64: span 2 holds float64 values, span 1 only int64 ones"
+    ]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(os.path.join(window.uri, "Split-train"))
+    assert str(table.schema.field("x").type.value_type) == "float"  # ExampleGen's float layout
+    xs = sorted(v for row in table.column("x").to_pylist() for v in row)
+    assert 0.0 in xs and 0.5 in xs  # span 1's ints, now floats, next to span 2's floats
+    assert sum(window.properties["row_counts"].values()) == 80
+
+    (data / "span-2" / "d.csv").write_text("x,y\n" + "".join(f"{i}.5,c{i}\n" for i in range(30)))
+    again = run()  # span 2 changed: parsed again; span 1 is still unchanged in the window's Examples
+    assert again.properties["spans_reused_from"] == {"1": window.id}
+    assert sum(again.properties["row_counts"].values()) == 70
+
+
+def test_scans_of_spans_merged_are_the_scan_of_all_their_files(tmp_path):
+    from transforms._csv_scan import merge_scans, scan_csv
+
+    days = [
+        "a,b,c\n,1,x\n,2,y\n",  # a: no value yet
+        "a,b,c\n3,1.5,z\n",  # a: int; b: widened to float
+        "a,b,c\n4,2,w\n",
+    ]
+    paths = []
+    for i, text in enumerate(days):
+        path = tmp_path / f"d{i}.csv"
+        path.write_text(text)
+        paths.append(str(path))
+    merged = merge_scans([scan_csv([p]) for p in paths])
+    assert merged.schema == scan_csv(paths).schema
+    assert [str(f.type) for f in merged.schema] == ["int64", "double", "string"]

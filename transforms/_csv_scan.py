@@ -26,10 +26,46 @@ _RANK_NAMES = {_INT: "int64", _FLOAT: "float64", _STRING: "string"}
 
 @dataclasses.dataclass(frozen=True)
 class CsvScan:
-    """What one pass over every byte found: column types and why a column was widened."""
+    """What one pass over every byte found: column types, why a column was widened, and each scanned
+    column's narrowest type (None: no value seen yet), so scans of separate files can be merged."""
 
     schema: pa.Schema
     notes: tuple[str, ...]
+    ranks: tuple[tuple[str, int], ...] = ()
+
+
+def merge_scans(scans: Sequence[CsvScan], labels: Sequence[str] | None = None) -> CsvScan:
+    """The scan of all the files of `scans` at once: each column as wide as its widest scan says.
+
+    A column's type from every row is the narrowest type holding every file's values, so scanning
+    files one by one (a span at a time, each remembered) and merging gives the same types. A column
+    one scan (`labels` names them) widens beyond the earlier ones gets a note, as within a file.
+    """
+    labels = list(labels or [f"scan {i + 1}" for i in range(len(scans))])
+    first = scans[0]
+    for other, label in zip(scans[1:], labels[1:], strict=True):
+        if other.schema.names != first.schema.names:
+            raise InputDataError(
+                f"{label}: columns differ from {labels[0]}: {other.schema.names}, not {first.schema.names}"
+            )
+    ranks: dict[str, int] = {}
+    since: dict[str, str] = {}
+    notes = [note for scan in scans for note in scan.notes]
+    for scan, label in zip(scans, labels, strict=True):
+        for name, rank in scan.ranks:
+            old = ranks.get(name, _NULL)
+            if rank > old and old != _NULL:
+                notes.append(
+                    f"column {name!r} read as {_RANK_NAMES[rank]}: {label} holds {_RANK_NAMES[rank]} values, "
+                    f"{since[name]} only {_RANK_NAMES[old]} ones"
+                )
+            if rank > old:
+                ranks[name], since[name] = rank, label
+    fields = [
+        pa.field(f.name, _RANK_TYPES[ranks.get(f.name, _NULL)] if f.name in dict(first.ranks) else f.type)
+        for f in first.schema
+    ]
+    return CsvScan(pa.schema(fields), tuple(notes), tuple(ranks.items()))
 
 
 class _ColumnType:
@@ -116,7 +152,7 @@ def scan_csv(paths: Sequence[str], overrides: dict[str, str] | None = None) -> C
     for note in notes:
         log.info("ExampleGen types: %s", note)
     fields = [pa.field(n, fixed[n] if n in fixed else _RANK_TYPES[columns[n].rank]) for n in names]
-    return CsvScan(pa.schema(fields), notes)
+    return CsvScan(pa.schema(fields), notes, tuple((n, c.rank) for n, c in columns.items()))
 
 
 def _scan_file(path: str, names: list[str], columns: dict[str, _ColumnType]) -> None:

@@ -76,6 +76,7 @@ class Spans:
 
     spans: list[int]
     versions: dict[int, int | None]
+    files: dict[int, list[FileMetadata]] = dataclasses.field(default_factory=dict, compare=False)
 
     def properties(self) -> dict[str, Any]:
         latest = self.spans[-1]
@@ -134,8 +135,9 @@ def select(pattern: str, config: RangeConfig) -> tuple[list[FileMetadata], Spans
     else:
         wanted = present[-1:]
     versions = {s: max(by_span[s], key=lambda v: -1 if v is None else v) for s in wanted}
-    files = sorted((m for s in wanted for m in by_span[s][versions[s]]), key=lambda m: m.path)
-    return files, Spans(wanted, versions)
+    per_span = {s: sorted(by_span[s][versions[s]], key=lambda m: m.path) for s in wanted}
+    files = sorted((m for s in wanted for m in per_span[s]), key=lambda m: m.path)
+    return files, Spans(wanted, versions, per_span)
 
 
 def _regex(pattern: str) -> re.Pattern:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,21 +12,29 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipeline import artifact_io, caching, fingerprints
+from beam_pipeline import artifact_io, caching
 from beam_pipeline.artifacts import EXAMPLES
 from beam_pipeline.dsl import Component
-from beam_pipeline.errors import InputDataError, PipelineDefinitionError
+from beam_pipeline.errors import PipelineDefinitionError
 from transforms._arrow_layout import list_schema, to_list_batch
 from transforms._csv_blocks import BadRecord, byte_ranges, parse_csv_block
-from transforms._csv_scan import scan_csv
 from transforms._input_files import match_metadata
+from transforms._input_plan import PLAN_VERSION, input_fingerprint, plan_input
 from transforms._parquet_tfrecord import (
     conform,
     parquet_row_groups,
     read_parquet_group,
     read_tfrecord,
-    same_parquet_schema,
-    tfrecord_schema,
+)
+from transforms._span_reuse import (
+    CONFIG_DIGEST,
+    REUSED_FROM,
+    SPAN_PARTS,
+    ReadBack,
+    config_digest,
+    part_name,
+    previous_examples,
+    reusable_parts,
 )
 from transforms._spans import RangeConfig, Spans, check_pattern, has_spans
 from transforms._spans import select as select_spans
@@ -89,7 +94,7 @@ class ExampleGen(Component):
         """The input files' content, from the store's checksums or a stat-keyed digest memo: an
         unchanged input is not read (see `beam_pipeline.fingerprints`). With spans, only the files
         of the spans this run reads: a new span does not change a static range's key."""
-        return _input_fingerprint(_matched(self.params)[0])
+        return input_fingerprint(_matched(self.params)[0])
 
     def cache_config(self) -> dict[str, Any]:
         """Without the range of spans: the files it picks are in the external fingerprint, so a static
@@ -98,12 +103,12 @@ class ExampleGen(Component):
 
     def flat_schema(self) -> pa.Schema:
         """Column types, decided at compile time and enforced on every block."""
-        return _plan_input(self.params, _matched(self.params)[0])[0]
+        return plan_input(self.params, *_matched(self.params))[0]
 
     def static_outputs(self, input_static: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         found, spans = _matched(self.params)
         files = [m.path for m in found]
-        schema, notes = _plan_input(self.params, found)
+        schema, notes = plan_input(self.params, found, spans)
         return {
             "examples": {
                 "arrow_schema": list_schema(schema),
@@ -114,8 +119,20 @@ class ExampleGen(Component):
                 "flat_schema": schema,
                 "column_type_notes": notes,
                 "spans": spans.properties() if spans else {},
+                "span_files": {s: [m.path for m in spans.files[s]] for s in spans.spans} if spans else {},
+                "span_fingerprints": {s: input_fingerprint(spans.files[s]) for s in spans.spans} if spans else {},
             }
         }
+
+    def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
+        """With spans: the previous Examples of this ExampleGen, whose unchanged spans are read back."""
+        if self.params.get("range_config") is None:
+            return {}
+        previous = previous_examples(store, pipeline_name, self.id)
+        return {"previous_examples": previous} if previous else {}
+
+    def _config_digest(self) -> str:
+        return config_digest(self.cache_config(), [self.VERSION, PLAN_VERSION, *caching.library_versions()])
 
     # -- graph ---------------------------------------------------------------------------------------
     def expand(self, pbegin):
@@ -123,20 +140,52 @@ class ExampleGen(Component):
         static = self.ctx.output_static["examples"]
         notes = static["column_type_notes"]
         splits = list(self.params["splits"])
-        tagged = _read_splits(pbegin, self.params, static["files"], static["flat_schema"], uri)
-        counts = tagged[_COUNTS] | "SumCounts" >> beam.CombineGlobally(_sum_counts)
+        span_files, digest = static["span_files"], self._config_digest()
+        previous = self.ctx.resolved.get("previous_examples")
+        reused = reusable_parts(previous, digest, static["span_fingerprints"], splits) if span_files else {}
+        if span_files:
+            units = [(u, s) for s, files in span_files.items() if s not in reused for u in _units(self.params, files)]
+        else:
+            units = [(u, None) for u in _units(self.params, static["files"])]
+        tagged = _read_splits(pbegin, self.params, units, static["flat_schema"], uri)
+        outputs = {name: [tagged[name]] for name in [_COUNTS, *splits]}
+        span_units = {s: [i for i, (_, span) in enumerate(units) if span == s] for s in span_files}
+        if reused:
+            read_back = ReadBack(
+                reused,
+                first_index=len(units),
+                schema=list_schema(static["flat_schema"]),
+                uri=uri,
+                splits=splits,
+                counts_tag=_COUNTS,
+            )
+            back = pbegin | "ReadBack" >> read_back
+            for s, indices in read_back.span_units.items():
+                span_units[s].extend(indices)
+            for name in outputs:
+                outputs[name].append(back[name])
+        merged = {
+            name: pcolls[0] if len(pcolls) == 1 else pcolls | f"All[{name}]" >> beam.Flatten()
+            for name, pcolls in outputs.items()
+        }
+        spans_out = dict(static["spans"])
+        if span_files:
+            spans_out[CONFIG_DIGEST] = digest
+            spans_out[REUSED_FROM] = {str(s): previous["id"] for s in sorted(reused)}
+        counts = merged[_COUNTS] | "SumCounts" >> beam.CombineGlobally(_sum_counts)
         properties = counts | "Properties" >> beam.Map(
-            lambda c, names=tuple(splits), notes=tuple(notes), spans=static["spans"]: {
+            lambda c, names=tuple(splits), notes=tuple(notes), spans=spans_out: {
                 "split_names": list(names),
                 "row_counts": {s: c.get(s, 0) for s in names},
                 "bad_records": c.get(_BAD, 0),
                 "payload_format": artifact_io.PARQUET,
                 "column_type_notes": list(notes),
                 **spans,
+                **_span_parts(c, names, span_units, static["span_fingerprints"]),
             }
         )
         self.ctx.publish("examples", properties)
-        return {"examples": {s: tagged[s] for s in splits}}
+        return {"examples": {s: merged[s] for s in splits}}
 
 
 class ReadExamples(beam.PTransform):
@@ -171,9 +220,9 @@ class ReadExamples(beam.PTransform):
         self._params = _params(
             input_base, format, splits, partition_feature, column_types, on_bad_record, block_size_bytes, range_config
         )
-        found = _matched(self._params)[0]
+        found, spans = _matched(self._params)
         self._files = [m.path for m in found]
-        self._schema = _plan_input(self._params, found)[0]
+        self._schema = plan_input(self._params, found, spans)[0]
 
     @property
     def arrow_schema(self) -> pa.Schema:
@@ -181,7 +230,8 @@ class ReadExamples(beam.PTransform):
         return list_schema(self._schema)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
-        tagged = _read_splits(pbegin, self._params, self._files, self._schema, uri=None)
+        units = [(u, None) for u in _units(self._params, self._files)]
+        tagged = _read_splits(pbegin, self._params, units, self._schema, uri=None)
         return {s: tagged[s] for s in self._params["splits"]}
 
 
@@ -228,17 +278,36 @@ def _matched(params: Mapping[str, Any]) -> tuple[list[FileMetadata], Spans | Non
     return select_spans(params["input_base"][0], RangeConfig(**params["range_config"]))
 
 
-def _read_splits(pbegin, params: Mapping[str, Any], files: list[str], schema: pa.Schema, uri: str | None):
-    """The tagged outputs of reading every unit of `files`: one per split, plus `_COUNTS`."""
+def _units(params: Mapping[str, Any], files: list[str]) -> list[tuple[str, int, int]]:
+    """What one read handles: a CSV byte range, a Parquet row group, or a whole TFRecord file."""
     fmt = params["format"]
     if fmt == "csv":
-        units = [r for f in files for r in byte_ranges(f, params["block_size_bytes"])]
-    elif fmt == "parquet":
-        units = [r for f in files for r in parquet_row_groups(f)]
-    else:
-        units = [(f, 0, 0) for f in files]
+        return [r for f in files for r in byte_ranges(f, params["block_size_bytes"])]
+    if fmt == "parquet":
+        return [r for f in files for r in parquet_row_groups(f)]
+    return [(f, 0, 0) for f in files]
+
+
+def _span_parts(counts: Mapping[str, int], splits, span_units, fingerprints) -> dict[str, Any]:
+    """Per span, what a later run needs to read it back (see `_span_reuse`)."""
+    if not span_units:
+        return {}
+    parts = {
+        str(s): {
+            "fingerprint": fingerprints[s],
+            "units": units,
+            "bad": counts.get(f"{s}:{_BAD}", 0),
+            "rows": {split: counts.get(f"{s}:{split}", 0) for split in splits},
+        }
+        for s, units in span_units.items()
+    }
+    return {SPAN_PARTS: parts}
+
+
+def _read_splits(pbegin, params: Mapping[str, Any], units: list, schema: pa.Schema, uri: str | None):
+    """The tagged outputs of reading every unit ((path, start, end), span): one per split, plus `_COUNTS`."""
     read = _ReadSplitWrite(
-        fmt=fmt,
+        fmt=params["format"],
         schema=schema,
         splits=dict(params["splits"]),
         partition_feature=params["partition_feature"],
@@ -247,32 +316,10 @@ def _read_splits(pbegin, params: Mapping[str, Any], files: list[str], schema: pa
     )
     return (
         pbegin
-        | "Units" >> beam.Create([(i, u) for i, u in enumerate(units)], reshuffle=False)
+        | "Units" >> beam.Create([(i, u, span) for i, (u, span) in enumerate(units)], reshuffle=False)
         | "Distribute" >> beam.Reshuffle()
         | "ReadSplitWrite" >> beam.ParDo(read).with_outputs(_COUNTS, *params["splits"])
     )
-
-
-def _plan_input(params: Mapping[str, Any], found: list[FileMetadata]) -> tuple[pa.Schema, list[str]]:
-    """(flat schema, notes on widened column types) of the files, remembered by their fingerprint.
-
-    Finding the types reads data (every row of a CSV, the first records of TFRecords); an input
-    whose fingerprint is unchanged gets the types found last time, without reading a byte.
-    """
-    fmt, files = params["format"], [m.path for m in found]
-    name = json.dumps([fmt, params["input_base"], params["column_types"]])
-    valid_for = json.dumps([_PLAN_VERSION, _input_fingerprint(found), caching.library_versions()])
-    known = fingerprints.recall(_INPUT_SCHEMAS, name, valid_for)
-    if known is not None:
-        schema, notes = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(known["schema"]))), known["notes"]
-    else:
-        schema, notes = _find_schema(fmt, files, params["column_types"])
-        encoded = base64.b64encode(schema.serialize().to_pybytes()).decode()
-        fingerprints.remember(_INPUT_SCHEMAS, name, valid_for, {"schema": encoded, "notes": notes})
-    feature = params["partition_feature"]
-    if feature and feature not in schema.names:
-        raise InputDataError(f"partition_feature {feature!r} is not a column of {files[0]}: {schema.names}")
-    return schema, notes
 
 
 _COUNTS, _BAD = "__counts__", "__bad__"
@@ -294,7 +341,7 @@ class _ReadSplitWrite(beam.DoFn):
         self._partition, self._on_bad, self._uri = partition_feature, on_bad_record, uri
 
     def process(self, element):
-        index, (path, start, end) = element
+        index, (path, start, end), span = element
         bad: list[BadRecord] = []
         if self._fmt == "csv":
             table, bad = parse_csv_block(path, start, end, self._schema, self._on_bad)
@@ -303,6 +350,8 @@ class _ReadSplitWrite(beam.DoFn):
         else:
             table = read_tfrecord(path, self._schema)
         counts: dict[str, int] = {_BAD: len(bad)}
+        if span is not None:  # per span too, so a later run knows what it may read back
+            counts[f"{span}:{_BAD}"] = len(bad)
         if bad and self._uri is not None:
             artifact_io.write_text(
                 artifact_io.join(self._uri, QUARANTINE_DIR, f"part-{index:05d}.txt"),
@@ -312,38 +361,15 @@ class _ReadSplitWrite(beam.DoFn):
             hashes = row_hashes(table, [self._partition] if self._partition else None)
             for split, rows in assign_splits(hashes, self._splits).items():
                 counts[split] = len(rows)
+                if span is not None:
+                    counts[f"{span}:{split}"] = len(rows)
                 if len(rows) == 0:
                     continue
                 # Take on the flat columns, then build lists: cheaper than taking from list arrays.
                 part = to_list_batch(table.take(pa.array(rows)) if len(rows) != table.num_rows else table)
                 if self._uri is not None:  # one file per unit: a retried bundle rewrites its own file
-                    path_out = artifact_io.join(self._uri, f"Split-{split}", f"part-{index:05d}.parquet")
+                    path_out = artifact_io.join(self._uri, f"Split-{split}", part_name(index))
                     with FileSystems.create(path_out) as f:
                         pq.write_table(pa.Table.from_batches([part]), f, compression="snappy")
                 yield beam.pvalue.TaggedOutput(split, part)
         yield beam.pvalue.TaggedOutput(_COUNTS, counts)
-
-
-_INPUT_SCHEMAS = "input-schemas"
-# Bump when finding the types changes what it finds for the same bytes (libraries count on their own).
-_PLAN_VERSION = "1"
-
-
-def _input_fingerprint(found: list[FileMetadata]) -> str:
-    """One fingerprint of the files' paths and contents (see `beam_pipeline.fingerprints`)."""
-    per_file = fingerprints.file_fingerprints(found)
-    h = hashlib.blake2b(digest_size=16)
-    for m in found:
-        h.update(m.path.encode())
-        h.update(per_file[m.path].encode())
-    return h.hexdigest()
-
-
-def _find_schema(fmt: str, files: list[str], column_types: dict[str, str]) -> tuple[pa.Schema, list[str]]:
-    """(flat schema, notes) from the data: the CSV type scan, Parquet footers or sampled TFRecords."""
-    if fmt == "csv":
-        scan = scan_csv(files, column_types)
-        return scan.schema, list(scan.notes)
-    if fmt == "parquet":
-        return same_parquet_schema(files), []
-    return tfrecord_schema(files), []
