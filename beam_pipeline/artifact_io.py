@@ -194,7 +194,7 @@ class _ReadParquet(beam.DoFn):
 PARQUET = "parquet"
 
 
-def _split_files(artifact: Artifact, split: str) -> list[str]:
+def _split_files(artifact: Artifact, split: str, span: int | None = None) -> list[str]:
     payload = artifact.properties.get("payload_format", PARQUET)
     if payload != PARQUET:
         raise InputDataError(
@@ -202,11 +202,26 @@ def _split_files(artifact: Artifact, split: str) -> list[str]:
         )
     if split not in artifact.split_names:
         raise InputDataError(f"examples at {artifact.uri} have no split {split!r}; splits are {artifact.split_names}")
-    return sorted(m.path for m in FileSystems.match([join(artifact.split_uri(split), "*.parquet")])[0].metadata_list)
+    paths = sorted(m.path for m in FileSystems.match([join(artifact.split_uri(split), "*.parquet")])[0].metadata_list)
+    if span is None:
+        return paths
+    # ExampleGen over spans records which of its part files hold each span.
+    entry = artifact.properties.get("span_parts", {}).get(str(span))
+    if entry is None:
+        raise InputDataError(
+            f"examples at {artifact.uri} record no span {span}; spans: {artifact.properties.get('spans')}"
+        )
+    names = {example_part_name(i) for i in entry["units"]}
+    return [p for p in paths if p.rsplit("/", 1)[-1] in names]
+
+
+def example_part_name(index: int) -> str:
+    """The name of ExampleGen's Parquet part file of read unit `index` (one per unit and split)."""
+    return f"part-{index:05d}.parquet"
 
 
 class ReadSplit(beam.PTransform):
-    """The RecordBatches of one split of a Parquet Examples artifact, read once the artifact exists.
+    """The RecordBatches of one split (of one span, with `span`) of a Parquet Examples artifact, read once it exists.
 
     Input: a PCollection holding the Artifact (a commit signal, or a cached artifact), so the read
     starts only after the commit. Only file names are shuffled, to spread the files over workers:
@@ -214,14 +229,14 @@ class ReadSplit(beam.PTransform):
     in-graph shuffle of the batches would be on a runner that buffers between stages.
     """
 
-    def __init__(self, split: str):
+    def __init__(self, split: str, span: int | None = None):
         super().__init__()
-        self._split = split
+        self._split, self._span = split, span
 
     def expand(self, artifact: beam.PCollection) -> beam.PCollection:
         return (
             artifact
-            | "List" >> beam.FlatMap(_split_files, self._split)
+            | "List" >> beam.FlatMap(_split_files, self._split, self._span)
             | "Spread" >> beam.Reshuffle()
             | "Read" >> beam.ParDo(_ReadParquet())
         )

@@ -45,10 +45,6 @@ def previous_examples(store: Any, pipeline_name: str, component_id: str) -> dict
     return None
 
 
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
-
-
 def reusable_parts(
     previous: Mapping[str, Any] | None, digest: str, fingerprints: Mapping[int, str], splits: Sequence[str]
 ) -> dict[int, list[tuple[str, str]]]:
@@ -66,7 +62,7 @@ def reusable_parts(
         entry = previous[SPAN_PARTS].get(str(span))
         if not entry or entry["fingerprint"] != fingerprint or entry.get("bad", 0):
             continue
-        names = {part_name(i) for i in entry["units"]}
+        names = {artifact_io.example_part_name(i) for i in entry["units"]}
         parts = [(split, path) for split in splits for name, path in listing[split].items() if name in names]
         rows: dict[str, int] = {}
         for split, path in parts:
@@ -142,7 +138,9 @@ class _ReadBackParts(beam.DoFn):
         index, (split, path, span) = element
         with FileSystems.open(path, compression_type="uncompressed") as f:
             table = conform(pq.read_table(f), self._schema, path)  # a later span may have widened a column
-        with FileSystems.create(artifact_io.join(self._uri, f"Split-{split}", part_name(index))) as f:
+        with FileSystems.create(
+            artifact_io.join(self._uri, f"Split-{split}", artifact_io.example_part_name(index))
+        ) as f:
             pq.write_table(table, f, compression="snappy")
         for batch in table.combine_chunks().to_batches():
             yield beam.pvalue.TaggedOutput(split, batch)

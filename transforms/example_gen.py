@@ -32,7 +32,6 @@ from transforms._span_reuse import (
     SPAN_PARTS,
     ReadBack,
     config_digest,
-    part_name,
     previous_examples,
     reusable_parts,
 )
@@ -121,6 +120,7 @@ class ExampleGen(Component):
                 "spans": spans.properties() if spans else {},
                 "span_files": {s: [m.path for m in spans.files[s]] for s in spans.spans} if spans else {},
                 "span_fingerprints": {s: input_fingerprint(spans.files[s]) for s in spans.spans} if spans else {},
+                "config_digest": self._config_digest() if spans else None,
             }
         }
 
@@ -368,7 +368,7 @@ class _ReadSplitWrite(beam.DoFn):
                 # Take on the flat columns, then build lists: cheaper than taking from list arrays.
                 part = to_list_batch(table.take(pa.array(rows)) if len(rows) != table.num_rows else table)
                 if self._uri is not None:  # one file per unit: a retried bundle rewrites its own file
-                    path_out = artifact_io.join(self._uri, f"Split-{split}", part_name(index))
+                    path_out = artifact_io.join(self._uri, f"Split-{split}", artifact_io.example_part_name(index))
                     with FileSystems.create(path_out) as f:
                         pq.write_table(pa.Table.from_batches([part]), f, compression="snappy")
                 yield beam.pvalue.TaggedOutput(split, part)

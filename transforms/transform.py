@@ -17,6 +17,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from tensorflow_metadata.proto.v0 import schema_pb2
 
+from beam_pipeline import artifact_io
 from beam_pipeline.artifacts import EXAMPLES, SCHEMA, TRANSFORM_GRAPH
 from beam_pipeline.dsl import Channel, Component, InputSpec
 from beam_pipeline.errors import (
@@ -26,6 +27,7 @@ from beam_pipeline.errors import (
     UserModuleError,
 )
 from transforms import _user_module
+from transforms._analyzer_cache import CACHE_DIR, AnalyzerCache, analyze_with_cache, dataset_keys, plan_cache
 from transforms._tfrecord_batches import WriteBatchesToTFRecord
 
 PAYLOAD_FORMAT = "tfrecord_gzip"
@@ -154,6 +156,8 @@ class AnalyzeAndTransform(beam.PTransform):
     the input's splits). An analyzed split is consumed twice, by the analysis and then by its
     transform, which needs the analysis first; `second_reads` may give an independent read of it
     for the transform, so that a runner which buffers between stages need not hold the whole split.
+    With `analyzer_cache` (`_analyzer_cache.plan_cache`) the analysis reads its datasets (one per
+    span) instead of the splits, reuses what the cache holds, and writes the cache (`cache_writes`).
     """
 
     def __init__(
@@ -166,8 +170,10 @@ class AnalyzeAndTransform(beam.PTransform):
         transform_splits: Sequence[str] | None = None,
         temp_dir: str,
         second_reads: Mapping[str, beam.PCollection] | None = None,
+        analyzer_cache: AnalyzerCache | None = None,
     ):
         super().__init__()
+        self.cache_writes: list[beam.PCollection] = []  # the analyzer cache's writes, once expanded
         if not analyze_splits:
             raise PipelineDefinitionError("AnalyzeAndTransform: analyze_splits must name at least one split")
         if not temp_dir:
@@ -177,6 +183,7 @@ class AnalyzeAndTransform(beam.PTransform):
         self._analyze = list(analyze_splits)
         self._transform = list(transform_splits) if transform_splits is not None else None
         self._temp_dir, self._second_reads = temp_dir, dict(second_reads or {})
+        self._cache = analyzer_cache
 
     def expand(self, batches: Mapping[str, beam.PCollection]) -> tuple[Any, dict[str, beam.PCollection]]:
         import tensorflow_transform.beam as tft_beam
@@ -188,8 +195,12 @@ class AnalyzeAndTransform(beam.PTransform):
         config = tensor_adapter_config(self._arrow_schema, self._schema)
         outputs = {}
         with tft_beam.Context(temp_dir=self._temp_dir):
-            to_analyze = [batches[s] for s in self._analyze] | "AnalyzeSplits" >> beam.Flatten()
-            transform_fn = (to_analyze, config) | "Analyze" >> tft_beam.AnalyzeDataset(self._fn)
+            if self._cache is not None:
+                pipeline = next(iter(batches.values())).pipeline
+                transform_fn, self.cache_writes = analyze_with_cache(self._cache, self._fn, config, pipeline)
+            else:
+                to_analyze = [batches[s] for s in self._analyze] | "AnalyzeSplits" >> beam.Flatten()
+                transform_fn = (to_analyze, config) | "Analyze" >> tft_beam.AnalyzeDataset(self._fn)
             for split in transform:
                 data = self._second_reads.get(split, batches[split])
                 transformed, _ = ((data, config), transform_fn) | f"Transform[{split}]" >> (
@@ -219,6 +230,7 @@ class Transform(Component):
         analyze_splits: Sequence[str] = ("train",),
         transform_splits: Sequence[str] | None = None,
         materialize: bool = True,
+        disable_analyzer_cache: bool = False,
         component_id: str | None = None,
     ):
         if not analyze_splits:
@@ -230,6 +242,7 @@ class Transform(Component):
                 "analyze_splits": list(analyze_splits),
                 "transform_splits": list(transform_splits) if transform_splits is not None else None,
                 "materialize": materialize,
+                "disable_analyzer_cache": disable_analyzer_cache,
             },
             component_id=component_id,
         )
@@ -250,6 +263,40 @@ class Transform(Component):
                 f"{self.id}: splits {unknown} are not in the examples' splits {list(available)}"
             )
         return list(analyze), list(transform)
+
+    def cache_config(self) -> dict[str, Any]:
+        """Without the analyzer cache switch: it changes how the analysis runs, not its result."""
+        return {k: v for k, v in self.exec_properties().items() if k != "disable_analyzer_cache"}
+
+    def resolve(self, store: Any, pipeline_name: str) -> dict[str, Any]:
+        """The analyzer cache of this Transform's newest graph: a hint (the result is the same without it)."""
+        if self.params["disable_analyzer_cache"]:
+            return {}
+        for graph in store.latest_artifacts(TRANSFORM_GRAPH.name, pipeline_name, {"producer_component": self.id}):
+            if graph.properties.get("analyzer_cache"):
+                return {"previous_analyzer_cache": FileSystems.join(graph.uri, CACHE_DIR)}
+        return {}
+
+    def _analyzer_cache(self, fn: Callable, arrow_schema: pa.Schema, schema: Any, analyze: list[str]):
+        """With examples over spans: each span of the analyzed splits a dataset of TFT's analyzer cache."""
+        static = self.ctx.input_static["examples"]
+        committed = self.ctx.committed_inputs.get("examples")
+        if self.params["disable_analyzer_cache"] or not static.get("span_fingerprints") or committed is None:
+            return None
+        keys = dataset_keys(analyze, static["span_fingerprints"], static["config_digest"])
+
+        def read(split: str, span: int) -> beam.PCollection:
+            return committed | f"ReadSpan[{split}][{span}]" >> artifact_io.ReadSplit(split, span)
+
+        return plan_cache(
+            committed.pipeline,
+            fn,
+            tensor_adapter_config(arrow_schema, schema),
+            keys,
+            read,
+            self.ctx.resolved.get("previous_analyzer_cache"),
+            FileSystems.join(self.ctx.output_uri("transform_graph"), CACHE_DIR),
+        )
 
     def splits_read(self, name: str, splits: Sequence[str]) -> list[str]:
         analyze, transform = self._splits(splits)
@@ -283,21 +330,30 @@ class Transform(Component):
         temp_dir = FileSystems.join(graph_uri, TEMP_DIR)
         pipeline = next(iter(examples.values())).pipeline
         # An analyzed split is read again rather than held for its transform.
-        again = {s: self.ctx.read_again("examples", s, examples[s]) for s in analyze if s in transform}
-        transform_fn, outputs = examples | "AnalyzeAndTransform" >> AnalyzeAndTransform(
-            self._load_fn(self.ctx.module_file("module_file", self.params["module_file"])),
-            self.ctx.input_static["examples"]["arrow_schema"],
+        arrow_schema = self.ctx.input_static["examples"]["arrow_schema"]
+        fn = self._load_fn(self.ctx.module_file("module_file", self.params["module_file"]))
+        with tft_beam.Context(temp_dir=temp_dir):
+            cache = self._analyzer_cache(fn, arrow_schema, schema, analyze)
+        # An analyzed split is read again rather than held for its transform (not read at all for the
+        # analysis when the analyzer cache reads it by span).
+        again = {} if cache else {s: self.ctx.read_again("examples", s, examples[s]) for s in analyze if s in transform}
+        analyze_and_transform = AnalyzeAndTransform(
+            fn,
+            arrow_schema,
             schema,
             analyze_splits=analyze,
             transform_splits=transform,
             temp_dir=temp_dir,
             second_reads=again,
+            analyzer_cache=cache,
         )
+        transform_fn, outputs = examples | "AnalyzeAndTransform" >> analyze_and_transform
         with tft_beam.Context(temp_dir=temp_dir):
             written = [
                 transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(graph_uri),
                 dataset_metadata.DatasetMetadata(schema)
                 | "WriteRawMetadata" >> tft_beam.WriteMetadata(FileSystems.join(graph_uri, "metadata"), pipeline),
+                *analyze_and_transform.cache_writes,
             ]
         counts = []
         for split, batches in outputs.items():
@@ -330,7 +386,8 @@ class Transform(Component):
             )
         )
         materialized = self.params["materialize"]
-        self.ctx.publish("transform_graph", done | "GraphProperties" >> beam.Map(lambda _: {}))
+        graph_properties = {"analyzer_cache": True, "analyzer_cache_reused": cache.reused} if cache is not None else {}
+        self.ctx.publish("transform_graph", done | "GraphProperties" >> beam.Map(lambda _, p=graph_properties: p))
         self.ctx.publish(
             "transformed_examples",
             done
