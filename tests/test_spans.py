@@ -8,9 +8,10 @@ import os
 import pytest
 
 from beam_pipeline.errors import InputDataError, PipelineDefinitionError
+from beam_pipeline.nodes import Resolver
 from tests.conftest import PENGUIN_CSV
-from tests.helpers import run_components
-from transforms._spans import RangeConfig, select
+from tests.helpers import run_components, store_at
+from transforms._spans import RangeConfig, SpanRange, select
 from transforms.example_gen import ExampleGen, ReadExamples
 from transforms.example_validator import ExampleValidator
 from transforms.schema_gen import SchemaGen
@@ -50,6 +51,26 @@ def _daily(pattern: str, range_config: RangeConfig | None = None) -> list:
 
 def _rows(result) -> int:
     return sum(result.artifact("ExampleGen", "examples").properties["row_counts"].values())
+
+
+def _statistics_counts(statistics) -> dict[str, int]:
+    from tensorflow_metadata.proto.v0 import statistics_pb2
+
+    from beam_pipeline import artifact_io
+
+    return {
+        split: artifact_io.read_proto(
+            artifact_io.split_file(statistics.uri, split, artifact_io.STATS_FILE),
+            statistics_pb2.DatasetFeatureStatisticsList,
+        )
+        .datasets[0]
+        .num_examples
+        for split in statistics.split_names
+    }
+
+
+def _split_counts(result) -> dict[str, int]:
+    return result.artifact("ExampleGen", "examples").properties["row_counts"]
 
 
 def _split_rows(result, split: str) -> list[tuple]:
@@ -101,6 +122,16 @@ def test_daily_spans_ingested_one_by_one_then_a_rolling_window_and_a_static_rang
     assert again.components["ExampleGen"].state == "CACHED"
     assert again.artifact("ExampleGen", "examples").id == first.artifact("ExampleGen", "examples").id
 
+    # A Resolver picks Examples by span: the newest whose spans all lie in the range.
+    store = store_at(root)
+    assert SpanRange(2, 3).resolve(store, "daily").id == window.artifact("ExampleGen", "examples").id
+    assert SpanRange(2, 2).resolve(store, "daily").id == second.artifact("ExampleGen", "examples").id
+    assert SpanRange(4, 9).resolve(store, "daily") is None
+    span_two = Resolver(SpanRange(2, 2), component_id="SpanTwo")
+    stats = StatisticsGen(examples=span_two.outputs.examples, component_id="SpanTwoStats")
+    resolved = run_components(root, [span_two, stats], name="daily")
+    assert _statistics_counts(resolved.artifact("SpanTwoStats", "statistics")) == _split_counts(second)
+
 
 def test_the_newest_version_of_each_span_is_read(tmp_path):
     counts = _write_spans(tmp_path, rows_per_span=40, layout="span-{span}/v-1/data.csv")
@@ -142,6 +173,8 @@ def test_bad_span_configurations_are_refused_naming_what_is_wrong(tmp_path):
         ExampleGen(input_base="d/v-{VERSION}/*.csv")
     with pytest.raises(PipelineDefinitionError, match="expected at least one span"):
         RangeConfig.rolling(0)
+    with pytest.raises(PipelineDefinitionError, match="the start is after the end"):
+        SpanRange("2026-12-02", "2026-12-01")
 
 
 def test_a_rolling_window_until_a_day_reads_that_day_and_the_days_before_it(tmp_path):

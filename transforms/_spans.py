@@ -11,7 +11,9 @@ from typing import Any
 from apache_beam.io.filesystem import FileMetadata
 
 from beam_pipeline import remote_fs
+from beam_pipeline.artifacts import EXAMPLES, Artifact
 from beam_pipeline.errors import InputDataError, PipelineDefinitionError
+from beam_pipeline.nodes import ResolverStrategy
 from transforms._input_files import match_metadata
 
 SPAN, VERSION = "{SPAN}", "{VERSION}"
@@ -172,3 +174,29 @@ def _span_of(found: re.Match, path: str) -> int:
     except ValueError as e:
         raise InputDataError(f"{path}: the date in its path is not a date ({e})") from None
     return (day - _EPOCH).days
+
+
+class SpanRange(ResolverStrategy):
+    """For a Resolver: the newest Examples of `producer` whose spans all lie in start..end (output `examples`).
+
+    `start` and `end` are spans or YYYY-MM-DD dates, e.g. to evaluate a model on last week's days:
+    `Resolver(SpanRange("2026-11-23", "2026-11-29"), component_id="LastWeek")`.
+    """
+
+    output = "examples"
+    artifact_type = EXAMPLES
+
+    def __init__(self, start: int | str, end: int | str, *, producer: str = "ExampleGen"):
+        self.start, self.end, self.producer = span_of(start), span_of(end), producer
+        if self.start > self.end:
+            raise PipelineDefinitionError(f"SpanRange({start!r}, {end!r}): the start is after the end")
+
+    def resolve(self, store: Any, pipeline_name: str) -> Artifact | None:
+        for examples in store.latest_artifacts(EXAMPLES.name, pipeline_name, {"producer_component": self.producer}):
+            spans = examples.properties.get("spans")
+            if spans and all(self.start <= s <= self.end for s in spans):
+                return examples
+        return None
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "start": self.start, "end": self.end, "producer": self.producer}

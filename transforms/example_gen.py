@@ -35,12 +35,12 @@ from transforms._span_reuse import (
     previous_examples,
     reusable_parts,
 )
-from transforms._spans import RangeConfig, Spans, check_pattern, has_spans
+from transforms._spans import RangeConfig, SpanRange, Spans, check_pattern, has_spans
 from transforms._spans import select as select_spans
 from transforms._split_hash import assign_splits, row_hashes
 
 # to_list_batch: ExampleGen's layout, for the transforms used alone.
-__all__ = ["ExampleGen", "RangeConfig", "ReadExamples", "to_list_batch"]
+__all__ = ["ExampleGen", "RangeConfig", "ReadExamples", "SpanRange", "to_list_batch"]
 
 FORMATS = ("csv", "parquet", "tfrecord")
 QUARANTINE_DIR = "Quarantine"
