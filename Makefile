@@ -8,7 +8,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: demo test test-fast lint bench constraints constraints-airflow clean
+.PHONY: demo ui test test-fast lint bench constraints constraints-airflow clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or run: make PYTHON=/path/to/python3.11 ...)"; exit 1; }
@@ -34,6 +34,10 @@ $(AIRFLOW_STAMP): constraints-airflow.txt
 
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=3 $(VENV)/bin/beam-pipeline run examples/chicago_taxi/pipeline.py --pipeline-root pipelines/chicago_taxi
+
+# The metadata UI over the demo's runs: http://127.0.0.1:8080/
+ui: $(STAMP)
+	$(VENV)/bin/beam-pipeline ui --pipeline-root pipelines/chicago_taxi
 
 # Two workers (pytest-xdist), each test file whole on one of them, so its module fixtures are built
 # once (--dist loadgroup with a group per file handed the tests out one by one here, building every

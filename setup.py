@@ -8,7 +8,7 @@ setup(
     description="End-to-end ML pipelines compiled into one Beam graph, recorded in ML Metadata",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["beam_pipeline", "beam_pipeline.*", "transforms", "runners"]),
-    package_data={"beam_pipeline": ["templates/*.html.j2"]},
+    package_data={"beam_pipeline": ["templates/*.html.j2", "templates/ui/*.html.j2"]},
     install_requires=[
         "apache-beam[gcp,aws]>=2.72,<2.73",
         # TensorFlow 2.16 reaches s3:// only through tensorflow-io's filesystem (beam_pipeline/remote_fs.py)
@@ -38,7 +38,17 @@ setup(
     extras_require={
         # `beam-pipeline export kubeflow` compiles through the kfp SDK (2.13: the newest that fits our pins).
         "kubeflow": ["kfp==2.13.0"],
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "hypothesis", "httpx", "httpx2", "moto[server]"],
+        "test": [
+            "pytest",
+            "pytest-timeout",
+            "pytest-xdist",
+            "ruff",
+            "hypothesis",
+            "httpx",
+            "httpx2",
+            "moto[server]",
+            "playwright",
+        ],
     },
     entry_points={"console_scripts": ["beam-pipeline=beam_pipeline.cli:main"]},
 )

@@ -181,6 +181,7 @@ def _register_optional_commands() -> None:
         ("beam_pipeline.serving.cli", "serve"),
         ("beam_pipeline.inspect_cli", "commands"),
         ("beam_pipeline.export_cli", "commands"),
+        ("beam_pipeline.ui.cli", "ui"),
     ):
         try:
             module = importlib.import_module(module_name)

@@ -44,6 +44,7 @@ class Node:
     note: bool = False
     emphasis: bool = False
     tooltip: str = ""
+    href: str = ""  # the box links there (a web view's page of that execution or artifact)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +398,8 @@ def svg(nodes: Sequence[Node], edges: Sequence[Edge], title: str = "") -> str:
     out.append('</g><g class="nodes">')
     for node in nodes:
         box = placed.boxes[node.key]
+        if node.href:
+            out.append(f"<a href={quoteattr(node.href)}>")
         out.append(f'<g class="node" data-node={quoteattr(node.key)}>')
         out.append(f"<title>{escape(node.tooltip or node.title)}</title>")
         out.append(
@@ -418,6 +421,8 @@ def svg(nodes: Sequence[Node], edges: Sequence[Edge], title: str = "") -> str:
                 f'dominant-baseline="central" fill="{"#212121" if i == 0 else "#37474f"}">{escape(text)}</text>'
             )
         out.append("</g>")
+        if node.href:
+            out.append("</a>")
     out.append("</g></svg>")
     return "\n".join(out)
 

@@ -21,12 +21,14 @@ from beam_pipeline import artifact_io, graph_drawing, lineage, queries
 from beam_pipeline.artifacts import ANOMALIES, MODEL, MODEL_BLESSING, MODEL_EVALUATION, PUSHED_MODEL, SCHEMA, STATISTICS
 from beam_pipeline.errors import MetadataError
 from beam_pipeline.metadata import MetadataStore
+from beam_pipeline.ui.paths import run_href
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 REPORT_FILE = "index.html"
+UI_URL = "http://127.0.0.1:8080"  # where `beam-pipeline ui` listens by default
 
 
-def _format(value: Any) -> str:
+def format_value(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, bool):
@@ -40,17 +42,18 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def _cell(value: Any) -> dict[str, Any]:
+def cell(value: Any) -> dict[str, Any]:
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return {"text": _format(value), "num": numeric}
+    return {"text": format_value(value), "num": numeric}
 
 
-def _table(frame: pd.DataFrame) -> dict[str, Any]:
+def table_data(frame: pd.DataFrame) -> dict[str, Any]:
     """Columns and formatted cells; numbers are flagged so the page right-aligns them."""
-    return {"columns": list(frame.columns), "rows": [[_cell(v) for v in row] for row in frame.itertuples(index=False)]}
+    return {"columns": list(frame.columns), "rows": [[cell(v) for v in row] for row in frame.itertuples(index=False)]}
 
 
-def _environment() -> jinja2.Environment:
+def environment() -> jinja2.Environment:
+    """Templates of the static pages and the metadata UI, autoescaped, with the `fmt` filter."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
@@ -58,13 +61,13 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["fmt"] = _format
+    env.filters["fmt"] = format_value
     return env
 
 
 def _render(template: str, out_path: str, **context: Any) -> str:
     html = (
-        _environment()
+        environment()
         .get_template(template)
         .render(generated=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), **context)
     )
@@ -117,11 +120,11 @@ def _evaluation_view(evaluation_uri: str, slice_column: str | None) -> dict[str,
         slices.append(
             {
                 "column": column,
-                "table": _table(frame.drop(columns=["slice_value"])),
+                "table": table_data(frame.drop(columns=["slice_value"])),
                 "plot": metrics_plot(frame, column),
             }
         )
-    return {"overall": _table(overall), "slices": slices}
+    return {"overall": table_data(overall), "slices": slices}
 
 
 # -- the run report ----------------------------------------------------------------------------------
@@ -166,17 +169,22 @@ def run_report_context(store: MetadataStore | str, pipeline_name: str, run_id: s
         {
             "artifact": a,
             "splits": [
-                (split, _table(queries.statistics_frame(stats))) for split, stats in queries.read_statistics(a).items()
+                (split, table_data(queries.statistics_frame(stats)))
+                for split, stats in queries.read_statistics(a).items()
             ],
         }
         for a in artifacts.get(STATISTICS.name, [])
     ]
     schemas = [
-        {"artifact": a, "table": _table(queries.schema_frame(queries.read_schema(a)))}
+        {"artifact": a, "table": table_data(queries.schema_frame(queries.read_schema(a)))}
         for a in artifacts.get(SCHEMA.name, [])
     ]
     anomalies = [
-        {"artifact": a, "table": _table(queries.anomalies_frame(queries.read_anomalies(a))), "splits": a.split_names}
+        {
+            "artifact": a,
+            "table": table_data(queries.anomalies_frame(queries.read_anomalies(a))),
+            "splits": a.split_names,
+        }
         for a in artifacts.get(ANOMALIES.name, [])
     ]
     evaluations = [{"artifact": a, **_evaluation_view(a.uri, None)} for a in artifacts.get(MODEL_EVALUATION.name, [])]
@@ -209,12 +217,13 @@ def run_report_context(store: MetadataStore | str, pipeline_name: str, run_id: s
     return {
         "pipeline_name": pipeline_name,
         "run_id": run_id,
+        "ui_url": UI_URL + run_href(pipeline_name, run_id),
         "store_uri": store.uri,
         "state": queries.run_state(states),
         "start": executions["start"].min() if not executions.empty else None,
         "end": executions["end"].max() if not executions.empty else None,
         "dag_svg": _dag_svg(executions, f"{pipeline_name} run {run_id}") if not executions.empty else None,
-        "components": _table(components),
+        "components": table_data(components),
         "models": list(artifacts.get(MODEL.name, [])),
         "statistics": statistics,
         "schemas": schemas,
@@ -265,11 +274,11 @@ def write_model_stats_html(store: MetadataStore | str, model_ids: Sequence[int],
     sections = []
     if len(data) == 1:
         for split, stats in data[0].stats.items():
-            sections.append({"split": split, "table": _table(queries.statistics_frame(stats))})
+            sections.append({"split": split, "table": table_data(queries.statistics_frame(stats))})
     else:
         lhs, rhs = data
         for split in [s for s in lhs.stats if s in rhs.stats]:
-            sections.append({"split": split, "table": _table(_side_by_side(lhs.stats[split], rhs.stats[split]))})
+            sections.append({"split": split, "table": table_data(_side_by_side(lhs.stats[split], rhs.stats[split]))})
     return _render("model_stats.html.j2", out_path, models=data, sections=sections, store_uri=store.uri)
 
 

@@ -98,8 +98,10 @@ def test_full_run_report_shows_every_section(model_store, tmp_path):
     assert "Sliced by trip_start_hour" in dom and "data:image/png;base64," in dom
     assert "BLESSED" in dom and "PUSHED" in dom
     assert os.path.join(os.path.dirname(model_store["root"]), "serving") in dom
-    for remote in ('src="http', "src='http", 'href="http', "url(http", "<script"):
+    for remote in ('src="http', "src='http", '<link href="http', "url(http", "<script"):
         assert remote not in dom  # nothing fetched from a network: the page works from disk alone
+    # The one outside link: this run's page in `beam-pipeline ui` on its default port (a link, not a fetch).
+    assert f'href="http://127.0.0.1:8080/runs/{model_store["pipeline"]}/{run_a}"' in dom
     dag = dag_of(dom)  # Chromium's DOM holds the drawing itself, every component a box
     assert {n.get("data-node") for n in dag.findall(f".//{SVG}g[@class='node']")} >= {"ExampleGen", "Pusher"}
     shot = str(tmp_path / "report.png")
