@@ -171,11 +171,19 @@ def test_a_model_its_metrics_lineage_statistics_and_the_compare_view(ui_server, 
     stats = queries.read_statistics(queries.get_artifact(store, model_store["a"]["statistics"]))
     train = stats["train"].datasets[0]
     assert page.locator(".features .numbers").count() == len(train.features)
-    page.select_option("select[name=compare]", str(model_store["b"]["statistics"]))
+    stats_a, stats_b = model_store["a"]["statistics"], model_store["b"]["statistics"]
+    page.select_option("select[name=compare_split]", "eval")  # train vs eval of the same data
     page.click("form.inline button")
-    page.wait_for_url("**compare=**")
+    page.wait_for_url("**compare_split=eval**")
     series = set(page.locator("svg.histogram rect.bucket").evaluate_all("els => els.map(e => e.dataset.series)"))
-    assert series == {f"#{model_store['a']['statistics']} train", f"#{model_store['b']['statistics']} train"}
+    assert series == {f"#{stats_a} train", f"#{stats_a} eval"}
+    _shot(page, "statistics_train_eval")
+    page.select_option("select[name=compare_split]", "")
+    page.select_option("select[name=compare]", str(stats_b))  # model A's data vs model B's
+    page.click("form.inline button")
+    page.wait_for_url(f"**compare={stats_b}**")
+    series = set(page.locator("svg.histogram rect.bucket").evaluate_all("els => els.map(e => e.dataset.series)"))
+    assert series == {f"#{stats_a} train", f"#{stats_b} train"}
     _shot(page, "statistics_overlay")
 
 

@@ -95,8 +95,10 @@ def create_app(metadata_uri: str, *, tensorboard: Callable[[Any, list[int]], str
         artifact_id = _int(request, "id")
         compare = request.query_params.get("compare")
         compare_id = _int(request, "compare", compare) if compare else None
-        split = request.query_params.get("split")
-        return read(lambda s: views.statistics_page(s, artifact_id, split, compare_id), "statistics.html.j2")
+        split, compare_split = request.query_params.get("split"), request.query_params.get("compare_split")
+        return read(
+            lambda s: views.statistics_page(s, artifact_id, split, compare_id, compare_split), "statistics.html.j2"
+        )
 
     def model(request: Request) -> HTMLResponse:
         model_id = _int(request, "id")

@@ -165,20 +165,24 @@ def _feature_charts(name: str, kind: str, by_dataset: dict[str, Any]) -> str:
     return charts.bar_chart(values, {label: [c.get(v, 0.0) for v in values] for label, c in counts.items()}, title=name)
 
 
-def statistics_page(store: MetadataStore, artifact_id: int, split: str | None, compare: int | None) -> dict[str, Any]:
-    """Per feature the numbers TFDV computed and a chart; with `compare`, another statistics artifact overlaid."""
+def statistics_page(
+    store: MetadataStore, artifact_id: int, split: str | None, compare: int | None, compare_split: str | None
+) -> dict[str, Any]:
+    """Per feature the numbers TFDV computed and a chart; another split (`compare_split`, e.g. eval over
+    train) or another statistics artifact (`compare`, e.g. model B's data) overlaid."""
     artifact = queries.get_artifact(store, artifact_id, STATISTICS.name)
     split = split or (artifact.split_names[0] if artifact.split_names else None)
     sides = [(artifact, split)]
-    if compare is not None:
-        other = queries.get_artifact(store, compare, STATISTICS.name)
-        sides.append((other, split if split in other.split_names else other.split_names[0]))
+    if compare is not None or compare_split:
+        other = queries.get_artifact(store, compare, STATISTICS.name) if compare is not None else artifact
+        other_split = compare_split or (split if split in other.split_names else other.split_names[0])
+        sides.append((other, other_split))
     datasets = {}
     for a, s in sides:
         stats = queries.read_statistics(a)
         if s not in stats:
             raise MetadataError(f"statistics {a.id} have no split {s!r}; splits are {sorted(stats)}")
-        datasets[f"#{a.id} {s}" if compare is not None else s] = stats[s]
+        datasets[f"#{a.id} {s}" if len(sides) > 1 else s] = stats[s]
     first_label = next(iter(datasets))
     frame = queries.statistics_frame(datasets[first_label])
     features = {}
@@ -212,6 +216,7 @@ def statistics_page(store: MetadataStore, artifact_id: int, split: str | None, c
         "split": split,
         "splits": artifact.split_names,
         "compare": compare,
+        "compare_split": compare_split or "",
         "others": others,
         "examples": num,
         "rows": rows,
