@@ -1,7 +1,8 @@
 """The taxi pipeline's data half and Transform (ExampleGen → StatisticsGen → SchemaGen → ExampleValidator → Transform).
 
-A pipeline file for `beam-pipeline run`, used by `bounded_memory.py`; TAXI_DATA names the CSV and
-PIPELINE_ROOT the root, as in examples/chicago_taxi/pipeline.py.
+A pipeline file for `beam-pipeline run`, used by `bounded_memory.py` and `window_rerun.py`; TAXI_DATA
+names the CSV (or a pattern with {SPAN}) and PIPELINE_ROOT the root, as in examples/chicago_taxi/pipeline.py;
+TAXI_WINDOW=N reads a rolling window of the newest N spans.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 
 from beam_pipeline import Pipeline
-from transforms.example_gen import ExampleGen
+from transforms.example_gen import ExampleGen, RangeConfig
 from transforms.example_validator import ExampleValidator
 from transforms.schema_gen import SchemaGen
 from transforms.statistics_gen import StatisticsGen
@@ -20,7 +21,10 @@ MODULE_FILE = os.path.join(os.path.dirname(HERE), "examples", "chicago_taxi", "t
 
 
 def create_pipeline(pipeline_root: str = os.environ.get("PIPELINE_ROOT", "")) -> Pipeline:
-    example_gen = ExampleGen(input_base=os.environ["TAXI_DATA"])
+    window = int(os.environ.get("TAXI_WINDOW", "0"))
+    example_gen = ExampleGen(
+        input_base=os.environ["TAXI_DATA"], range_config=RangeConfig.rolling(window) if window else None
+    )
     statistics_gen = StatisticsGen(examples=example_gen.outputs.examples)
     schema_gen = SchemaGen(statistics=statistics_gen.outputs.statistics)
     example_validator = ExampleValidator(statistics=statistics_gen.outputs.statistics, schema=schema_gen.outputs.schema)
