@@ -140,7 +140,7 @@ class ExampleGen(Component):
         static = self.ctx.output_static["examples"]
         notes = static["column_type_notes"]
         splits = list(self.params["splits"])
-        span_files, digest = static["span_files"], self._config_digest()
+        span_files, digest = static["span_files"], static["config_digest"]
         previous = self.ctx.resolved.get("previous_examples")
         reused = reusable_parts(previous, digest, static["span_fingerprints"], splits) if span_files else {}
         if span_files:
